@@ -1,0 +1,223 @@
+"""The ELBO and its three terms, in discrete and continuous time (MATH.md sections 2 and 3).
+
+    -log p(x0) <= reconstruction + prior + diffusion     (all three in nats per example)
+
+- reconstruction = -E log p(x0 | x_{t0}), t0 = 0, p = N(x0_hat, 1 / SNR(0));
+- prior          = KL(q(x_1 | x0) || N(0, I));
+- diffusion      = the denoising-matching term:
+                   sum_i 1/2 (SNR(t_{i-1}) - SNR(t_i)) E||x0 - x0_hat||^2
+                   for T steps, or -1/2 E_t[SNR'(t) ||x0 - x0_hat||^2] in continuous time (T = 0).
+
+The diffusion term is computed on the error of whatever the network predicts, with the weight of
+its parameterization (``log_x0_error_scale2``), so every parameterization gives the same number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from diffexp.diffusion.denoiser import Denoiser, broadcast_like
+
+
+def diffuse(x0: Tensor, log_snr: Tensor, eps: Tensor) -> Tensor:
+    """x_t = a x0 + s eps, a^2 = sigmoid(lambda), s^2 = sigmoid(-lambda)."""
+    lam = broadcast_like(log_snr, x0)
+    return torch.sigmoid(lam).sqrt() * x0 + torch.sigmoid(-lam).sqrt() * eps
+
+
+def randn_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Standard normal noise shaped like x, from ``generator`` when given."""
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def sum_except_batch(x: Tensor) -> Tensor:
+    """Sum over every dimension but the first."""
+    return x.reshape(x.shape[0], -1).sum(dim=1)
+
+
+def snr_difference(log_snr_s: Tensor, log_snr_t: Tensor) -> Tensor:
+    """SNR(s) - SNR(t) = exp(lambda_t) expm1(lambda_s - lambda_t), computed in log space."""
+    return torch.exp(log_snr_t) * torch.expm1(log_snr_s - log_snr_t)
+
+
+def posterior(
+    x_t: Tensor, x0: Tensor, log_snr_s: Tensor, log_snr_t: Tensor
+) -> tuple[Tensor, Tensor]:
+    """q(x_s|x_t,x0) = N(mu_q, sigma_q^2), mu_q = alpha_ts s_s^2/s_t^2 x_t + a_s s_ts^2/s_t^2 x0."""
+    lam_s, lam_t = broadcast_like(log_snr_s, x_t), broadcast_like(log_snr_t, x_t)
+    log_alpha_ts2 = F.logsigmoid(lam_t) - F.logsigmoid(lam_s)  # a_t^2 / a_s^2
+    s_ts2 = -torch.expm1(log_alpha_ts2)  # s_{t|s}^2 = 1 - a_t^2 / a_s^2 (variance preserving)
+    s_s2, s_t2 = torch.sigmoid(-lam_s), torch.sigmoid(-lam_t)
+    mean = (
+        torch.exp(0.5 * log_alpha_ts2) * (s_s2 / s_t2) * x_t
+        + torch.sigmoid(lam_s).sqrt() * (s_ts2 / s_t2) * x0
+    )
+    var = s_ts2 * s_s2 / s_t2
+    return mean, var
+
+
+def gaussian_kl(mean_q: Tensor, var_q: Tensor, mean_p: Tensor, var_p: Tensor) -> Tensor:
+    """KL(N(mean_q, var_q) || N(mean_p, var_p)), elementwise."""
+    return 0.5 * (torch.log(var_p / var_q) + (var_q + (mean_q - mean_p) ** 2) / var_p - 1.0)
+
+
+def denoising_kl(x0: Tensor, x0_hat: Tensor, log_snr_s: Tensor, log_snr_t: Tensor) -> Tensor:
+    """KL(q(x_s|x_t,x0) || p(x_s|x_t)) = 1/2 (SNR(s) - SNR(t)) ||x0 - x0_hat||^2, per example."""
+    return 0.5 * snr_difference(log_snr_s, log_snr_t) * sum_except_batch((x0 - x0_hat) ** 2)
+
+
+def prior_kl(x0: Tensor, log_snr_1: Tensor) -> Tensor:
+    """KL(q(x_1|x0) || N(0, I)) = 1/2 sum_i (a_1^2 x0_i^2 + s_1^2 - 1 - log s_1^2), per example."""
+    lam = broadcast_like(log_snr_1, x0)
+    a2 = torch.sigmoid(lam)
+    # s^2 - 1 - log s^2 = -a^2 - logsigmoid(-lambda)
+    per_dim = a2 * x0**2 - a2 - F.logsigmoid(-lam)
+    return 0.5 * sum_except_batch(per_dim.expand_as(x0))
+
+
+def gaussian_reconstruction_nll(x0: Tensor, x0_hat: Tensor, log_snr_0: Tensor) -> Tensor:
+    """-log N(x0; x0_hat, 1/SNR(0) I) = 1/2 sum_i (SNR (x0_i - x0_hat_i)^2 + log 2 pi - lambda)."""
+    lam = broadcast_like(log_snr_0, x0)
+    per_dim = torch.exp(lam) * (x0 - x0_hat) ** 2 + math.log(2 * math.pi) - lam
+    return 0.5 * sum_except_batch(per_dim.expand_as(x0))
+
+
+def stratified_times(
+    n: int, k: int = 1, generator: torch.Generator | None = None, device=None, dtype=None
+) -> Tensor:
+    """t[i, j] = (u + (i + j n) / (n k)) mod 1: one uniform u, stratified per example and batch."""
+    u = torch.rand((), generator=generator, device=device, dtype=dtype or torch.float32)
+    idx = torch.arange(n * k, device=device, dtype=u.dtype).reshape(k, n).T
+    return torch.remainder(u + idx / (n * k), 1.0)
+
+
+@dataclass
+class ELBOTerms:
+    """Per-example terms in nats; ``diffusion_parts`` [n, K] sum to ``diffusion``."""
+
+    reconstruction: Tensor
+    prior: Tensor
+    diffusion: Tensor
+    diffusion_log_snr: Tensor
+    diffusion_parts: Tensor
+
+    @property
+    def nll(self) -> Tensor:
+        """-ELBO = reconstruction + prior + diffusion (an upper bound on -log p(x0))."""
+        return self.reconstruction + self.prior + self.diffusion
+
+    @property
+    def elbo(self) -> Tensor:
+        """The ELBO in nats per example."""
+        return -self.nll
+
+    def bits_per_dim(self, dim: int) -> Tensor:
+        """bits/dim = -ELBO / (d ln 2)."""
+        return self.nll / (dim * math.log(2.0))
+
+    def diffusion_in_bands(self, edges: list[float]) -> list[Tensor]:
+        """The diffusion term split by log-SNR band (edges descending), per example."""
+        out = []
+        for hi, lo in zip(edges[:-1], edges[1:], strict=True):
+            mask = (self.diffusion_log_snr <= hi) & (self.diffusion_log_snr > lo)
+            out.append((self.diffusion_parts * mask).sum(dim=1))
+        return out
+
+
+ReconstructionNLL = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def weighted_target_error(out: Tensor, target: Tensor, log_weight: Tensor) -> Tensor:
+    """exp(log_weight) * ||target - out||^2 per example, log_weight per example."""
+    return torch.exp(log_weight) * sum_except_batch((target - out) ** 2)
+
+
+def denoising_matching(
+    denoiser: Denoiser,
+    x0: Tensor,
+    t: Tensor,
+    y: Tensor | None = None,
+    T: int = 0,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One-sample estimates of the diffusion term at times t [n] -> (estimate [n], log_snr [n]).
+
+    Continuous (T = 0): 1/2 (-lambda'(t)) SNR(t) c^2 ||target - out||^2.
+    Discrete: t is mapped to the step i = ceil(t T), and the estimate is
+    T * 1/2 (SNR(t_{i-1}) - SNR(t_i)) c^2 ||target - out||^2.
+    """
+    schedule, param = denoiser.schedule, denoiser.parameterization
+    if T > 0:
+        i = torch.clamp(torch.ceil(t * T), 1, T)
+        lam_t = schedule.log_snr(i / T)
+        lam_s = schedule.log_snr((i - 1) / T)
+        log_w = torch.log(0.5 * T * torch.expm1(lam_s - lam_t)) + lam_t
+    else:
+        lam_t, dlam = schedule.log_snr_and_derivative(t)
+        log_w = torch.log(-0.5 * dlam) + lam_t
+    eps = randn_like(x0, generator)
+    x_t = diffuse(x0, lam_t, eps)
+    pred = denoiser(x_t, y=y, log_snr=lam_t)
+    log_w = log_w + param.log_x0_error_scale2(lam_t)
+    target = param.target(x0, eps, broadcast_like(lam_t, x0))
+    return weighted_target_error(pred.out, target, log_w), lam_t
+
+
+def elbo_terms(
+    denoiser: Denoiser,
+    x0: Tensor,
+    y: Tensor | None = None,
+    *,
+    T: int = 0,
+    n_t: int = 1,
+    exact: bool = False,
+    reconstruction_nll: ReconstructionNLL = gaussian_reconstruction_nll,
+    generator: torch.Generator | None = None,
+) -> ELBOTerms:
+    """The three ELBO terms per example, the diffusion term by n_t stratified times (or exactly).
+
+    The reconstruction term is averaged over n_t noise draws (also with ``exact``); the prior
+    term is in closed form.
+
+    ``exact`` (discrete T only) sums the diffusion term over all T steps: the "ELBO loop".
+    """
+    n, schedule = x0.shape[0], denoiser.schedule
+    ends = torch.tensor([0.0, 1.0], device=x0.device, dtype=x0.dtype)
+    lam_0, lam_1 = schedule.log_snr(ends)
+
+    n_rec = max(1, n_t)  # the reconstruction term averaged over n_t noise draws
+    rec = torch.zeros(n, device=x0.device, dtype=x0.dtype)
+    for _ in range(n_rec):
+        x_t0 = diffuse(x0, lam_0, randn_like(x0, generator))
+        rec = rec + reconstruction_nll(x0, denoiser(x_t0, y=y, log_snr=lam_0).x0_hat, lam_0) / n_rec
+    prior = prior_kl(x0, lam_1)
+
+    if exact:
+        if T <= 0:
+            raise ValueError("the exact ELBO loop needs a discrete model: T > 0")
+        # each step's own time: t = i / T exactly, weight 1/T so that T * (1/T) = 1
+        steps = torch.arange(1, T + 1, device=x0.device, dtype=x0.dtype) / T
+        t = steps.expand(n, T)
+        scale = 1.0 / T
+    else:
+        t = stratified_times(n, n_t, generator, device=x0.device, dtype=x0.dtype)
+        scale = 1.0 / n_t
+    parts, lams = [], []
+    for j in range(t.shape[1]):
+        est, lam = denoising_matching(denoiser, x0, t[:, j], y, T, generator)
+        parts.append(est * scale)
+        lams.append(lam.expand(n))
+    parts_t, lams_t = torch.stack(parts, dim=1), torch.stack(lams, dim=1)
+    return ELBOTerms(
+        reconstruction=rec,
+        prior=prior,
+        diffusion=parts_t.sum(dim=1),
+        diffusion_log_snr=lams_t,
+        diffusion_parts=parts_t,
+    )

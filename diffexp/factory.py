@@ -1,0 +1,88 @@
+"""Builds the parts of a run from a composed config: data module, denoiser, module, sampler."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from diffexp.diffusion.denoiser import Denoiser
+from diffexp.diffusion.elbo import gaussian_reconstruction_nll
+from diffexp.module import DiffusionModule
+
+# keys of a data config that describe the data for other groups (schedule endpoints), not the module
+DATA_INFO_KEYS = ("log_snr_max", "log_snr_min")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work, with a message saying how to fix it."""
+
+
+def build_datamodule(cfg_data: DictConfig) -> pl.LightningDataModule:
+    """The data module of ``cfg.data`` (without its informational keys)."""
+    kwargs = {k: v for k, v in cfg_data.items() if k not in DATA_INFO_KEYS}
+    return instantiate(OmegaConf.create(kwargs))
+
+
+def build_network(
+    cfg_network: DictConfig, datamodule: Any, parameterization: Any
+) -> torch.nn.Module:
+    """The network; ``dim`` and ``num_classes`` left null are taken from the data module."""
+    if str(cfg_network.get("_target_", "")).endswith("Oracle"):
+        mixture = getattr(datamodule, "mixture", None)
+        if mixture is None:
+            raise ConfigError(
+                f"network=oracle needs a data set with a known density; "
+                f"{type(datamodule).__name__}({getattr(datamodule, 'name', '')}) has none. "
+                "Use data=ring8, data=grid25 or data=mixture1d, or a trained network (network=mlp)."
+            )
+        return instantiate(cfg_network, mixture=mixture, parameterization=parameterization)
+    kwargs = {}
+    if "dim" in cfg_network and cfg_network.dim is None:
+        kwargs["dim"] = datamodule.dim
+    return instantiate(cfg_network, **kwargs)
+
+
+def build_denoiser(cfg: DictConfig, datamodule: Any) -> Denoiser:
+    """network + parameterization + schedule, checked on a dummy batch of the data's shape."""
+    schedule = instantiate(cfg.schedule)
+    parameterization = instantiate(cfg.parameterization)
+    network = build_network(cfg.network, datamodule, parameterization)
+    denoiser = Denoiser(network, parameterization, schedule)
+    check_shapes(denoiser, tuple(datamodule.shape))
+    return denoiser
+
+
+def check_shapes(denoiser: Denoiser, shape: tuple[int, ...]) -> None:
+    """Fail now, not hours into a run, when the network cannot take the data's shape."""
+    x = torch.zeros(2, *shape)
+    with torch.no_grad():
+        try:
+            denoiser(x, log_snr=torch.zeros(2))
+        except (ValueError, RuntimeError) as err:
+            raise ConfigError(f"the network cannot take data of shape {shape}: {err}") from err
+
+
+def build_module(cfg: DictConfig, datamodule: Any) -> DiffusionModule:
+    """The LightningModule for ``cfg`` on ``datamodule``."""
+    model = cfg.model
+    lr_scheduler = model.get("lr_scheduler")
+    return DiffusionModule(
+        denoiser=build_denoiser(cfg, datamodule),
+        weighting=instantiate(cfg.weighting),
+        optimizer=instantiate(model.optimizer),
+        lr_scheduler=instantiate(lr_scheduler) if lr_scheduler else None,
+        T=model.get("T", 0),
+        ema_decay=model.get("ema_decay"),
+        schedule_lr=model.get("schedule_lr"),
+        reconstruction_nll=getattr(datamodule, "reconstruction_nll", gaussian_reconstruction_nll),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def build_sampler(cfg_sampler: DictConfig, steps: int | None = None) -> Any:
+    """The sampler, with ``steps`` overriding the configured number of steps."""
+    return instantiate(cfg_sampler, **({"steps": steps} if steps else {}))

@@ -1,0 +1,42 @@
+"""Plots of samples against data: scatter for 2-D (and more), histograms for 1-D."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+
+def plot_samples(samples: Tensor, reference: Tensor, path: str | Path, title: str = "") -> Path:
+    """Save a PNG comparing model samples with reference data; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    samples, reference = samples.detach().float().cpu(), reference.detach().float().cpu()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4), sharex=True, sharey=True)
+    if samples.shape[1] == 1:
+        lo = float(torch.minimum(samples.min(), reference.min()))
+        hi = float(torch.maximum(samples.max(), reference.max()))
+        for ax, data, name in ((axes[0], reference, "data"), (axes[1], samples, "samples")):
+            ax.hist(data[:, 0].numpy(), bins=80, range=(lo, hi), density=True, color="C0")
+            ax.set_title(name)
+    else:
+        for ax, data, name, c in (
+            (axes[0], reference, "data", "C7"),
+            (axes[1], samples, "samples", "C0"),
+        ):
+            ax.scatter(data[:, 0].numpy(), data[:, 1].numpy(), s=2, alpha=0.5, c=c, linewidths=0)
+            ax.set_title(name)
+            ax.set_aspect("equal")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,150 @@
+"""One LightningModule for every objective: it trains a Denoiser on the configured weighting.
+
+Training samples t (low-discrepancy), noises the batch and minimizes the weighting's loss. The
+true ELBO is reported by the ``ELBOMonitor`` callback on validation, whatever the objective.
+EMA weights (``torch.optim.swa_utils.AveragedModel``) are what is evaluated and sampled.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from diffexp.diffusion.denoiser import Denoiser
+from diffexp.diffusion.elbo import ReconstructionNLL, gaussian_reconstruction_nll
+from diffexp.diffusion.schedules import Schedule
+from diffexp.diffusion.weighting import Weighting
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when the training loss is NaN or infinite; the message names the step and term."""
+
+
+def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
+    """(x0, y) from a batch ``(x,)`` / ``(x, y)`` / tensor; y is None for unlabelled data."""
+    if isinstance(batch, Tensor):
+        return batch, None
+    return batch[0], (batch[1] if len(batch) > 1 else None)
+
+
+class DiffusionModule(pl.LightningModule):
+    """Trains ``denoiser`` on ``weighting``; T = 0 is continuous time, T > 0 a T-step model."""
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        weighting: Weighting,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_scheduler: Callable[..., Any] | None = None,
+        T: int = 0,
+        ema_decay: float | None = 0.999,
+        schedule_lr: float | None = None,
+        reconstruction_nll: ReconstructionNLL = gaussian_reconstruction_nll,
+        config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+        self.weighting = weighting
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.T = int(T)
+        self.schedule_lr = schedule_lr
+        self.reconstruction_nll = reconstruction_nll
+        self.config = config or {}
+        self.ema: AveragedModel | None = None
+        if ema_decay is not None and 0.0 < ema_decay < 1.0:
+            self.ema = AveragedModel(
+                denoiser, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True
+            )
+            self.ema.requires_grad_(False)
+
+    @property
+    def schedule(self) -> Schedule:
+        """The noise schedule being trained (or held fixed)."""
+        return self.denoiser.schedule
+
+    @property
+    def eval_denoiser(self) -> Denoiser:
+        """The denoiser to evaluate and sample: the EMA copy when enabled."""
+        return self.ema.module if self.ema is not None else self.denoiser
+
+    def has_trainable_parameters(self) -> bool:
+        """Whether there is anything to optimize (the oracle with a fixed schedule has not)."""
+        return any(p.requires_grad for p in self.denoiser.parameters())
+
+    def _loss(self, batch: Any, denoiser: Denoiser):
+        x0, y = split_batch(batch)
+        return self.weighting(denoiser, x0, y, T=self.T, reconstruction_nll=self.reconstruction_nll)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        out = self._loss(batch, self.denoiser)
+        if not torch.isfinite(out.loss):
+            bad = [k for k, v in out.terms.items() if not torch.isfinite(v)]
+            values = ", ".join(f"{k}={float(v):.4g}" for k, v in out.terms.items())
+            raise NonFiniteLossError(
+                f"non-finite training loss {float(out.loss)} at step {self.global_step} "
+                f"(epoch {self.current_epoch}, batch {batch_idx}); offending term(s): "
+                f"{bad or ['loss']}; terms: {values}. Lower model.optimizer.lr, check the data "
+                "for NaN/inf, or use a schedule whose log-SNR endpoints are finite."
+            )
+        n = split_batch(batch)[0].shape[0]
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=n)
+        for k, v in out.terms.items():
+            self.log(f"train/{k}", v, batch_size=n)
+        return out.loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.denoiser)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        out = self._loss(batch, self.eval_denoiser)
+        n = split_batch(batch)[0].shape[0]
+        self.log("val/loss", out.loss, batch_size=n, sync_dist=True)
+
+    def configure_optimizers(self) -> Any:
+        schedule_params = [p for p in self.schedule.parameters() if p.requires_grad]
+        ids = {id(p) for p in schedule_params}
+        other = [p for p in self.denoiser.parameters() if p.requires_grad and id(p) not in ids]
+        groups = [{"params": other, "name": "network"}] if other else []
+        if schedule_params:
+            group = {"params": schedule_params, "name": "schedule"}
+            if self.schedule_lr is not None:
+                group["lr"] = self.schedule_lr
+            groups.append(group)
+        optimizer = self.optimizer_factory(groups)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["diffexp_config"] = self.config
+
+
+def cosine_warmup(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_steps: int = 0,
+    final_frac: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr factor: linear warm-up to 1, then cosine decay to ``final_frac`` at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if total_steps <= 0:  # no known length (epoch-based runs): constant after warm-up
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

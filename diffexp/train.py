@@ -1,0 +1,73 @@
+"""Train a diffusion model: ``python -m diffexp.train [group=option ...]``."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from diffexp.factory import build_datamodule, build_module
+from diffexp.utils import (
+    closing_wandb,
+    instantiate_all,
+    log,
+    log_config,
+    offline_wandb_by_default,
+    tag_wandb,
+    write_json,
+)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit the configured module, validate it once more, and return the final val metrics."""
+    offline_wandb_by_default()
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg.data)
+    module = build_module(cfg, datamodule)
+    tag_wandb(cfg)
+    with closing_wandb():
+        loggers = instantiate_all(cfg.get("logger"))
+        callbacks = instantiate_all(cfg.get("callbacks"))
+        trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+        log_config(loggers, cfg)
+        if module.has_trainable_parameters():
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        else:
+            log.info(
+                "nothing to train (network=%s has no parameters): validating only",
+                cfg.network.get("_target_"),
+            )
+        metrics: dict[str, Any] = {}
+        if not cfg.trainer.get("fast_dev_run"):
+            results = trainer.validate(module, datamodule=datamodule, verbose=False)
+            metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+            print(summary_line(metrics))
+            write_json(Path(cfg.paths.output_dir) / "summary.json", metrics)
+    return metrics
+
+
+def summary_line(metrics: dict[str, float]) -> str:
+    """One line: the validation ELBO next to the true log-likelihood when it is known."""
+    elbo = metrics.get("val/elbo_nats", math.nan)
+    bpd = metrics.get("val/bpd", math.nan)
+    line = f"validation ELBO: {elbo:.4f} nats/example (bits/dim {bpd:.4f})"
+    if "val/true_log_likelihood_nats" in metrics:
+        true_ll = metrics["val/true_log_likelihood_nats"]
+        line += f"; true log-likelihood: {true_ll:.4f} nats/example; gap: {true_ll - elbo:.4f} nats"
+    return line
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns the validation ELBO (for sweepers that optimize it)."""
+    metrics = train(cfg)
+    return metrics.get("val/elbo_nats")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""Shared test fixtures: the Gaussian-mixture oracle as a Denoiser, float64."""
+
+from __future__ import annotations
+
+import torch
+
+from diffexp.data.mixtures import make_mixture
+from diffexp.diffusion import schedules as S
+from diffexp.diffusion.denoiser import Denoiser
+from diffexp.diffusion.parameterizations import get_parameterization
+from diffexp.networks import Oracle
+
+F64 = torch.float64
+ENDS = {"log_snr_max": 10.0, "log_snr_min": -8.0}
+
+
+def oracle_denoiser(preset: str = "ring8", param: str = "eps", schedule=None) -> Denoiser:
+    """The exact denoiser of a mixture preset (float64 schedule)."""
+    mixture = make_mixture(preset).to(dtype=F64)
+    p = get_parameterization(param)
+    schedule = schedule if schedule is not None else S.LogLinear(**ENDS)
+    return Denoiser(Oracle(mixture, p), p, schedule).double()
