@@ -53,12 +53,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 def summary_line(metrics: dict[str, float]) -> str:
     """One line: the validation ELBO next to the true log-likelihood when it is known."""
-    elbo = metrics.get("val/elbo_nats", math.nan)
+    if "val/elbo_nats" not in metrics:
+        return "no validation ELBO was logged (is callbacks.elbo disabled?)"
+    elbo = metrics["val/elbo_nats"]
     bpd = metrics.get("val/bpd", math.nan)
-    line = f"validation ELBO: {elbo:.4f} nats/example (bits/dim {bpd:.4f})"
+    se = metrics.get("val/elbo_nats_se", math.nan)
+    line = f"validation ELBO: {elbo:.4f} +- {se:.4f} nats/example (bits/dim {bpd:.4f})"
     if "val/true_log_likelihood_nats" in metrics:
         true_ll = metrics["val/true_log_likelihood_nats"]
-        line += f"; true log-likelihood: {true_ll:.4f} nats/example; gap: {true_ll - elbo:.4f} nats"
+        gap_se = metrics.get("val/elbo_gap_nats_se", math.nan)
+        line += (
+            f"; true log-likelihood: {true_ll:.4f} nats/example; "
+            f"gap: {true_ll - elbo:.4f} +- {gap_se:.4f} nats"
+        )
     return line
 
 

@@ -15,7 +15,9 @@ from diffexp.module import split_batch
 class ELBOMonitor(pl.Callback):
     """On each validation batch: the ELBO terms (nats), bits/dim and log-SNR bands, as val/*.
 
-    The diffusion term uses ``n_t`` stratified times per example (or the exact T-step loop with
+    Also val/elbo_nats_se and val/elbo_gap_nats_se, the standard errors over the validation
+    examples (the estimator's Monte Carlo error included). The diffusion term uses ``n_t``
+    stratified times per example (or the exact T-step loop with
     ``exact_loop`` for discrete models). When the data set knows its density, also logs
     val/true_log_likelihood_nats and val/elbo_gap_nats = true log-likelihood - ELBO.
     """
@@ -24,6 +26,27 @@ class ELBOMonitor(pl.Callback):
         self, n_t: int = 16, band_edges: list[float] = (5.0, 0.0, -5.0), exact_loop: bool = False
     ):
         self.n_t, self.band_edges, self.exact_loop = int(n_t), list(band_edges), bool(exact_loop)
+        self._stats: dict[str, torch.Tensor] = {}
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stats = {}
+
+    def _accumulate(self, name: str, values: torch.Tensor) -> None:
+        """Running [count, sum, sum of squares] of per-example values, for standard errors."""
+        v = values.detach().double()
+        stats = torch.stack(
+            [torch.tensor(float(v.numel()), dtype=v.dtype, device=v.device), v.sum(), (v**2).sum()]
+        )
+        self._stats[name] = self._stats.get(name, torch.zeros_like(stats)) + stats
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log the standard errors of the ELBO and the gap over all ranks' examples."""
+        for name, stats in self._stats.items():
+            if trainer.world_size > 1:
+                stats = pl_module.all_gather(stats).reshape(-1, 3).sum(dim=0)
+            n, s, ss = stats.tolist()
+            var = max(ss / n - (s / n) ** 2, 0.0) * n / max(n - 1, 1)
+            pl_module.log(f"val/{name}_se", (var / n) ** 0.5, rank_zero_only=True)
 
     @torch.no_grad()
     def on_validation_batch_end(
@@ -51,6 +74,9 @@ class ELBOMonitor(pl.Callback):
         if true_lp is not None:
             metrics["true_log_likelihood_nats"] = true_lp
             metrics["elbo_gap_nats"] = true_lp - terms.elbo
+        for name in ("elbo_nats", "elbo_gap_nats"):
+            if name in metrics:
+                self._accumulate(name, metrics[name])
         for name, value in metrics.items():
             pl_module.log(
                 f"val/{name}",

@@ -16,11 +16,22 @@ from diffexp.diffusion.parameterizations import Parameterization
 
 
 class Oracle(nn.Module):
-    """out = parameterization.output_from(E[x0 | x_t], -s grad log q(x_t))."""
+    """out = parameterization.output_from(E[x0 | x_t], -s grad log q(x_t)).
 
-    def __init__(self, mixture: GaussianMixture, parameterization: Parameterization) -> None:
+    Unconditional unless ``conditional``: then a label y selects its mixture component, and
+    y = ``num_classes`` (the null token of classifier-free guidance) or None is unconditional.
+    """
+
+    def __init__(
+        self,
+        mixture: GaussianMixture,
+        parameterization: Parameterization,
+        conditional: bool = False,
+    ) -> None:
         super().__init__()
         self.mixture = mixture
+        self.conditional = bool(conditional)
+        self.num_classes = mixture.num_components if conditional else 0
         self.parameterization = parameterization
         self.dim = mixture.dim
         self.register_buffer("_anchor", torch.zeros(()))  # carries device/dtype moves
@@ -30,6 +41,10 @@ class Oracle(nn.Module):
         if x_t.dim() != 2 or x_t.shape[1] != self.dim:
             raise ValueError(f"the oracle of a {self.dim}-D mixture got shape {tuple(x_t.shape)}")
         mixture = self.mixture.to(dtype=x_t.dtype, device=x_t.device)
+        if not self.conditional:
+            y = None
+        elif y is not None and bool((y == self.num_classes).any()):
+            raise NotImplementedError("mixed null / real labels in one oracle batch")
         lam = broadcast_like(log_snr, x_t)
         x0_hat = mixture.posterior_mean(x_t, lam[:, 0], y=y)
         eps_hat = -torch.sigmoid(-lam).sqrt() * mixture.score(x_t, lam[:, 0], y=y)

@@ -1,0 +1,51 @@
+"""Draw samples: ``python -m diffexp.sample run=<folder> | ckpt=<file> | network=oracle``.
+
+Writes ``samples.npz`` (``x``, and ``nfe``) and ``samples.png`` to its output folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+
+from diffexp.factory import build_sampler
+from diffexp.metrics.plots import plot_samples
+from diffexp.runs import load_model
+from diffexp.utils import log
+
+
+@torch.no_grad()
+def sample(cfg: DictConfig) -> Path:
+    """Sample from the model described by ``cfg``; returns the path of samples.npz."""
+    pl.seed_everything(int(cfg.seed), verbose=False)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = load_model(cfg, device=cfg.device)
+    sampler = build_sampler(cfg.sampler, cfg.get("steps"))
+    gen = torch.Generator(device=cfg.device).manual_seed(int(cfg.seed))
+    shape = (int(cfg.n_samples), *model.datamodule.shape)
+    result = sampler.sample(model.denoiser, shape, generator=gen, device=cfg.device)
+    x = result.x.cpu()
+    path = out_dir / "samples.npz"
+    np.savez(path, x=x.numpy(), nfe=result.nfe, sampler=repr(sampler), source=model.source)
+    if x.dim() == 2 and x.shape[1] <= 3:
+        ref = model.datamodule.reference(x.shape[0], seed=10_000)
+        plot_samples(x, ref, out_dir / "samples.png", f"{sampler!r}, NFE {result.nfe}")
+    log.info("wrote %s (%d samples, NFE %d)", path, x.shape[0], result.nfe)
+    print(f"wrote {path} ({x.shape[0]} samples, {sampler!r}, NFE {result.nfe})")
+    return path
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point."""
+    sample(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Training end to end: fast_dev_run combinations in-process, a real run as a subprocess,
+eval and sample on its folder, and the errors a user meets first."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra import compose, initialize_config_dir
+
+from diffexp.data.datamodules import VectorDataModule
+from diffexp.factory import build_module
+from diffexp.module import NonFiniteLossError
+from diffexp.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _compose(overrides, tmp_path, name="train"):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(name, overrides=[f"paths.output_dir={tmp_path}", *overrides])
+
+
+COMBOS = [
+    ["parameterization=x0", "weighting=elbo", "schedule=cosine"],
+    ["parameterization=eps", "weighting=unit", "schedule=linear", "data=moons"],
+    ["parameterization=score", "weighting=min_snr", "schedule=learned", "data=grid25"],
+    ["parameterization=v", "weighting=elbo", "schedule=log_linear", "model.T=100"],
+    ["parameterization=eps", "weighting=elbo", "schedule=learned", "data=mixture1d"],
+    ["data=swissroll", "weighting=unit", "model.T=50"],
+    ["experiment=ring8_discrete"],
+]
+
+
+@pytest.mark.parametrize("overrides", COMBOS, ids=lambda o: ",".join(o))
+def test_fast_dev_run(overrides, tmp_path):
+    cfg = _compose(["debug=fdr", *overrides], tmp_path)
+    train(cfg)
+
+
+def test_oracle_validates_without_training(tmp_path):
+    cfg = _compose(["network=oracle", "logger=csv", "+trainer.limit_val_batches=1"], tmp_path)
+    metrics = train(cfg)
+    assert abs(metrics["val/elbo_gap_nats"]) < 0.5  # one batch, 16 times per example
+    assert (tmp_path / "summary.json").is_file()
+
+
+def test_nan_loss_stops_with_the_step_and_the_term(tmp_path):
+    cfg = _compose(["debug=fdr"], tmp_path)
+    x = torch.randn(64, 2)
+    x[3, 0] = float("nan")
+    dm = VectorDataModule(x, x[:8], x[:8], batch_size=64)
+    module = build_module(cfg, dm)
+    trainer = pl.Trainer(fast_dev_run=True, logger=False, enable_progress_bar=False)
+    with pytest.raises(NonFiniteLossError, match=r"step 0.*offending term"):
+        trainer.fit(module, datamodule=dm)
+
+
+def test_wandb_run_is_finished_after_an_exception(tmp_path):
+    import wandb
+
+    cfg = _compose(
+        ["logger=wandb", "callbacks=none", "trainer.max_steps=2", "model.optimizer.lr=nan"],
+        tmp_path,
+    )
+    with pytest.raises(Exception):  # noqa: B017 - any failure; what matters is the cleanup
+        train(cfg)
+    assert wandb.run is None
+
+
+def _run(args, cwd, timeout=600):
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+def test_train_eval_sample_as_a_user_would(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _run(["diffexp.train", "debug=short", f"hydra.run.dir={run_dir}"], ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "validation ELBO" in proc.stdout and "true log-likelihood" in proc.stdout
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "csv" / "metrics.csv").is_file()
+    assert (run_dir / "samples" / "final.png").is_file()
+    assert list((run_dir / "wandb").glob("offline-run-*")), "no offline W&B run"
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+
+    eval_dir = tmp_path / "eval"
+    proc = _run(
+        [
+            "diffexp.eval",
+            f"run={run_dir}",
+            f"hydra.run.dir={eval_dir}",
+            "n_t=4",
+            "n_samples=500",
+            "sampler.steps=50",
+        ],
+        ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    for key in (
+        "elbo_nats",
+        "bpd",
+        "reconstruction_nats",
+        "prior_nats",
+        "diffusion_nats",
+        "true_log_likelihood_nats",
+        "sample_mean_log_density_nats",
+        "sliced_wasserstein",
+        "sliced_wasserstein_floor",
+    ):
+        assert key in metrics and metrics[key] == metrics[key], key  # present and not NaN
+    total = metrics["reconstruction_nats"] + metrics["prior_nats"] + metrics["diffusion_nats"]
+    assert metrics["elbo_nats"] == pytest.approx(-total, abs=1e-6)
+
+    sample_dir = tmp_path / "sample"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    proc = _run(
+        [
+            "diffexp.sample",
+            f"ckpt={ckpt}",
+            f"hydra.run.dir={sample_dir}",
+            "n_samples=300",
+            "steps=20",
+        ],
+        ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import numpy as np
+
+    data = np.load(sample_dir / "samples.npz")
+    assert data["x"].shape == (300, 2) and int(data["nfe"]) == 21
+    assert (sample_dir / "samples.png").is_file()
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    proc = _run(["diffexp.eval", f"ckpt={tmp_path}/nope.ckpt", f"hydra.run.dir={tmp_path}/e"], ROOT)
+    assert proc.returncode != 0
+    assert "does not exist" in proc.stderr
+
+
+def test_unknown_option_from_the_command_line_lists_valid_ones(tmp_path):
+    proc = _run(["diffexp.train", "parameterization=noise", f"hydra.run.dir={tmp_path}"], ROOT)
+    assert proc.returncode != 0
+    assert "Available options" in proc.stderr
+    for valid in ("eps", "score", "v", "x0"):
+        assert valid in proc.stderr
