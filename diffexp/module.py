@@ -93,11 +93,19 @@ class DiffusionModule(pl.LightningModule):
                 f"{bad or ['loss']}; terms: {values}. Lower model.optimizer.lr, check the data "
                 "for NaN/inf, or use a schedule whose log-SNR endpoints are finite."
             )
-        n = split_batch(batch)[0].shape[0]
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=n)
-        for k, v in out.terms.items():
-            self.log(f"train/{k}", v, batch_size=n)
+        if self._is_logging_step():
+            n = split_batch(batch)[0].shape[0]
+            self.log("train/loss", out.loss, prog_bar=True, batch_size=n)
+            for k, v in out.terms.items():
+                self.log(f"train/{k}", v, batch_size=n)
         return out.loss
+
+    def _is_logging_step(self) -> bool:
+        """Whether the loggers will write this step (``self.log`` costs ~0.5 ms a call on CPU)."""
+        trainer = self._trainer
+        if trainer is None or trainer.fast_dev_run:
+            return True
+        return bool(trainer._logger_connector.should_update_logs)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:
