@@ -43,10 +43,27 @@ def elbo_report(model: LoadedModel, cfg: DictConfig) -> dict[str, Any]:
         x0, y = split_batch(batch)
         x0 = x0.to(cfg.device)
         y = None if y is None else y.to(cfg.device)
-        terms = elbo_terms(model.denoiser, x0, y, T=model.T, n_t=int(cfg.n_t), generator=gen)
+        terms = elbo_terms(
+            model.denoiser,
+            x0,
+            y,
+            T=model.T,
+            n_t=int(cfg.n_t),
+            generator=gen,
+            reconstruction_nll=model.reconstruction_nll,
+        )
         metrics = elbo_metrics(terms, x0[0].numel(), list(cfg.band_edges))
         if model.T > 0 and cfg.exact_loop:
-            exact = elbo_terms(model.denoiser, x0, y, T=model.T, exact=True, n_t=1, generator=gen)
+            exact = elbo_terms(
+                model.denoiser,
+                x0,
+                y,
+                T=model.T,
+                exact=True,
+                n_t=1,
+                generator=gen,
+                reconstruction_nll=model.reconstruction_nll,
+            )
             metrics["elbo_exact_loop_nats"] = exact.elbo
             metrics["bpd_exact_loop"] = exact.bits_per_dim(x0[0].numel())
         true_lp = dm.true_log_prob(x0)

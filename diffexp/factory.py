@@ -30,7 +30,8 @@ def build_datamodule(cfg_data: DictConfig) -> pl.LightningDataModule:
 def build_network(
     cfg_network: DictConfig, datamodule: Any, parameterization: Any
 ) -> torch.nn.Module:
-    """The network; ``dim`` and ``num_classes`` left null are taken from the data module."""
+    """The network; ``dim``, ``in_channels``, ``image_size``, ``num_classes`` left null come
+    from the data module."""
     if str(cfg_network.get("_target_", "")).endswith("Oracle"):
         mixture = getattr(datamodule, "mixture", None)
         if mixture is None:
@@ -40,10 +41,27 @@ def build_network(
                 "Use data=ring8, data=grid25 or data=mixture1d, or a trained network (network=mlp)."
             )
         return instantiate(cfg_network, mixture=mixture, parameterization=parameterization)
-    kwargs = {}
-    if "dim" in cfg_network and cfg_network.dim is None:
-        kwargs["dim"] = datamodule.dim
+    shape = tuple(datamodule.shape)
+    from_data = {
+        "dim": lambda: datamodule.dim,
+        "in_channels": lambda: shape[0],
+        "image_size": lambda: _square_size(shape),
+        "num_classes": lambda: datamodule.num_classes,
+    }
+    kwargs = {
+        k: get() for k, get in from_data.items() if k in cfg_network and cfg_network[k] is None
+    }
     return instantiate(cfg_network, **kwargs)
+
+
+def _square_size(shape: tuple[int, ...]) -> int:
+    """The side of square images [C, H, H]; a clear error for anything else."""
+    if len(shape) != 3 or shape[1] != shape[2]:
+        raise ConfigError(
+            f"an image network needs square images [C, H, H]; the data has shape {shape}. "
+            "Use network=mlp for vectors."
+        )
+    return int(shape[1])
 
 
 def build_denoiser(cfg: DictConfig, datamodule: Any) -> Denoiser:
@@ -78,9 +96,14 @@ def build_module(cfg: DictConfig, datamodule: Any) -> DiffusionModule:
         T=model.get("T", 0),
         ema_decay=model.get("ema_decay"),
         schedule_lr=model.get("schedule_lr"),
-        reconstruction_nll=getattr(datamodule, "reconstruction_nll", gaussian_reconstruction_nll),
+        reconstruction_nll=reconstruction_nll_of(datamodule),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
+
+
+def reconstruction_nll_of(datamodule: Any) -> Any:
+    """The data's decoder: discretized for images with a fixed number of levels, else Gaussian."""
+    return getattr(datamodule, "reconstruction_nll", gaussian_reconstruction_nll)
 
 
 def build_sampler(cfg_sampler: DictConfig, steps: int | None = None) -> Any:

@@ -16,7 +16,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffexp.diffusion.denoiser import Denoiser
-from diffexp.factory import ConfigError, build_datamodule, build_denoiser, build_module
+from diffexp.diffusion.elbo import ReconstructionNLL
+from diffexp.factory import (
+    ConfigError,
+    build_datamodule,
+    build_denoiser,
+    build_module,
+    reconstruction_nll_of,
+)
 
 
 @dataclass
@@ -28,6 +35,11 @@ class LoadedModel:
     T: int
     source: str
     config: DictConfig
+
+    @property
+    def reconstruction_nll(self) -> ReconstructionNLL:
+        """The data's decoder (discretized for images)."""
+        return reconstruction_nll_of(self.datamodule)
 
 
 def resolve_checkpoint(run: str | None, ckpt: str | None) -> Path | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,11 @@ GROUPS = [
 ]
 
 
+# networks that need a particular kind of data, and image data sets (which need an image network)
+PAIRED_DATA = {"oracle": "ring8", "unet": "cifar10", "unet_small": "digits"}
+IMAGE_DATA = {"digits", "digits16", "mnist", "cifar10"}
+
+
 def _compose(overrides, name="train", tmp="/tmp/diffexp-test"):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(name, overrides=[f"paths.output_dir={tmp}", *overrides])
@@ -50,15 +56,17 @@ def _options(group):
 )
 def test_every_option_of_every_group_composes(group, option):
     overrides = [f"{group}={option}"]
-    if group == "network" and option == "oracle":
-        overrides.append("data=ring8")
+    if group == "network" and option in PAIRED_DATA:
+        overrides.append(f"data={PAIRED_DATA[option]}")
+    if group == "data" and option in IMAGE_DATA:
+        overrides.append("network=unet_small")
     cfg = _compose(overrides)
     assert cfg is not None
     if group in ("schedule", "parameterization", "weighting", "sampler"):
         assert instantiate(cfg[group]) is not None
     if group == "data":
         dm = build_datamodule(cfg.data)
-        assert dm.dim == dm.shape[0]
+        assert dm.dim == math.prod(dm.shape)
     if group in ("network", "data", "experiment"):
         dm = build_datamodule(cfg.data)
         den = build_denoiser(cfg, dm)

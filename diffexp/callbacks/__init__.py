@@ -1,4 +1,4 @@
-"""Callbacks: the ELBO's terms on validation and sample plots."""
+"""Callbacks: the ELBO's terms on validation, sample plots and image grids."""
 
 from diffexp.callbacks.elbo import ELBOMonitor
 from diffexp.callbacks.samples import SamplePlot

@@ -134,7 +134,9 @@ class VectorDataModule(pl.LightningDataModule):
         self._mixture = mixture
         self._sampler = sampler
         if num_classes is None:
-            num_classes = max((int(y.max()) + 1 for y in ys if y is not None and y.numel()), default=0)
+            num_classes = max(
+                (int(y.max()) + 1 for y in ys if y is not None and y.numel()), default=0
+            )
         self._num_classes = int(num_classes)
 
     # ------------------------------------------------------------------ properties

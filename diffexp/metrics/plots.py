@@ -10,6 +10,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
+
+
+def save_image_grid(images: Tensor, path: str | Path, nrow: int = 8) -> Path:
+    """Save images in [-1, 1] ([N, C, H, W]) as one PNG grid, atomically; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid = make_grid(((images.detach().float().cpu() + 1) / 2).clamp(0, 1), nrow=nrow, padding=1)
+    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    if array.shape[2] == 1:
+        array = array[:, :, 0]
+    tmp = path.with_suffix(".tmp.png")
+    plt.imsave(tmp, array, cmap="gray" if array.ndim == 2 else None, vmin=0, vmax=255)
+    tmp.replace(path)
+    return path
 
 
 def plot_samples(samples: Tensor, reference: Tensor, path: str | Path, title: str = "") -> Path:
