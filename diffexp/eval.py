@@ -19,10 +19,12 @@ from torch import Tensor
 from diffexp.diffusion.elbo import elbo_terms
 from diffexp.factory import build_sampler
 from diffexp.metrics.elbo import elbo_metrics
-from diffexp.metrics.plots import plot_samples
+from diffexp.metrics.features import build_feature_extractor, classifier_accuracy, load_classifier
+from diffexp.metrics.fid import fid_kid
+from diffexp.metrics.plots import plot_samples, save_image_grid
 from diffexp.metrics.sliced_wasserstein import sliced_wasserstein
 from diffexp.module import split_batch
-from diffexp.runs import LoadedModel, load_model
+from diffexp.runs import LoadedModel, guided_denoiser, load_model, sampling_labels
 from diffexp.utils import log, write_json
 
 
@@ -89,14 +91,28 @@ def sample_report(model: LoadedModel, cfg: DictConfig, out_dir: Path) -> dict[st
         return {}
     dm = model.datamodule
     sampler = build_sampler(cfg.sampler, cfg.get("steps"))
+    denoiser = guided_denoiser(model, cfg)
     gen = torch.Generator(device=cfg.device).manual_seed(int(cfg.seed) + 1)
-    result = sampler.sample(model.denoiser, (n, *dm.shape), generator=gen, device=cfg.device)
-    x = result.x.cpu()
+    labels = sampling_labels(cfg, model, n, cfg.device)
+    chunks, nfe = [], 0
+    for start in range(0, n, int(cfg.batch_size)):
+        size = min(int(cfg.batch_size), n - start)
+        y = None if labels is None else labels[start : start + size]
+        result = sampler.sample(denoiser, (size, *dm.shape), y=y, generator=gen, device=cfg.device)
+        chunks.append(result.x.cpu())
+        nfe = result.nfe
+    x = torch.cat(chunks)
+    if len(dm.shape) == 3:
+        report = image_report(x, model, cfg, out_dir, sampler, nfe)
+        if labels is not None and cfg.get("classifier_accuracy", True):
+            report.update(label_accuracy(x, labels.cpu(), model, cfg))
+        report["guidance"] = repr(denoiser) if denoiser is not model.denoiser else "none"
+        return report
     ref, ref2 = dm.reference(n, seed=10_000), dm.reference(n, seed=10_001)
     proj = int(cfg.n_projections)
     report: dict[str, Any] = {
         "sampler": repr(sampler),
-        "nfe": result.nfe,
+        "nfe": nfe,
         "n_samples": n,
         "sliced_wasserstein": sliced_wasserstein(x, ref, n_projections=proj, seed=0),
         "sliced_wasserstein_floor": sliced_wasserstein(ref2, ref, n_projections=proj, seed=0),
@@ -111,7 +127,58 @@ def sample_report(model: LoadedModel, cfg: DictConfig, out_dir: Path) -> dict[st
             report["sample_mean_log_density_nats"] - report["data_mean_log_density_nats"]
         )
     if x.shape[1] <= 3:
-        plot_samples(x, ref, out_dir / "samples.png", f"{sampler!r}, NFE {result.nfe}")
+        plot_samples(x, ref, out_dir / "samples.png", f"{sampler!r}, NFE {nfe}")
+    return report
+
+
+def label_accuracy(x: Tensor, labels: Tensor, model: LoadedModel, cfg: DictConfig) -> dict:
+    """How often the data's feature classifier recognizes the requested label in the samples."""
+    data_cfg = model.config.data
+    if (cfg.get("fid_features") or data_cfg.get("fid_features")) != "classifier":
+        return {}
+    path = cfg.get("fid_features_path") or data_cfg.get("fid_features_path")
+    classifier = load_classifier(path)
+    return {"classifier_accuracy": classifier_accuracy(classifier, x, labels)}
+
+
+def image_report(
+    x: Tensor, model: LoadedModel, cfg: DictConfig, out_dir: Path, sampler: Any, nfe: int
+) -> dict[str, Any]:
+    """FID / KID of the samples against the test split, and the FID between its two halves."""
+    dm = model.datamodule
+    data_cfg = model.config.data
+    kind = cfg.get("fid_features") or data_cfg.get("fid_features")
+    path = cfg.get("fid_features_path") or data_cfg.get("fid_features_path")
+    save_image_grid(x[:64], out_dir / "samples.png", nrow=8)
+    report: dict[str, Any] = {"sampler": repr(sampler), "nfe": nfe, "n_samples": x.shape[0]}
+    if not kind:
+        log.warning("no FID feature extractor configured (fid_features); skipping FID")
+        return report
+    extractor = build_feature_extractor(kind, path).to(cfg.device)
+    dm.setup("test")
+    real = torch.cat([split_batch(b)[0] for b in dm.test_dataloader()])
+    scores = fid_kid(real, x, extractor, batch_size=int(cfg.batch_size))
+    floor = fid_kid(real[0::2], real[1::2], extractor, batch_size=int(cfg.batch_size))
+    report.update(
+        {
+            "fid": scores["fid"],
+            "kid_mean": scores["kid_mean"],
+            "kid_std": scores["kid_std"],
+            "fid_real_halves": floor["fid"],
+            "fid_protocol": {
+                "extractor": scores["extractor"],
+                "features_path": path,
+                "n_fake": scores["n_fake"],
+                "n_real": scores["n_real"],
+                "real": f"{cfg.split} split",
+                "floor": f"FID between the two halves of the {cfg.split} split "
+                f"({floor['n_real']} vs {floor['n_fake']} images; smaller n, so biased up)",
+                "sampler": repr(sampler),
+                "nfe": nfe,
+                "ema": bool(cfg.get("use_ema", True)),
+            },
+        }
+    )
     return report
 
 

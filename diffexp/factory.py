@@ -11,10 +11,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffexp.diffusion.denoiser import Denoiser
 from diffexp.diffusion.elbo import gaussian_reconstruction_nll
+from diffexp.guidance import NoGuidance
 from diffexp.module import DiffusionModule
 
-# keys of a data config that describe the data for other groups (schedule endpoints), not the module
-DATA_INFO_KEYS = ("log_snr_max", "log_snr_min")
+# keys of a data config that describe the data for other parts (schedule endpoints, FID features)
+DATA_INFO_KEYS = ("log_snr_max", "log_snr_min", "fid_features", "fid_features_path")
 
 
 class ConfigError(ValueError):
@@ -27,11 +28,24 @@ def build_datamodule(cfg_data: DictConfig) -> pl.LightningDataModule:
     return instantiate(OmegaConf.create(kwargs))
 
 
+def build_guidance(cfg: DictConfig, datamodule: Any) -> Any:
+    """The guidance spec; a clear error when it needs labels the data does not have."""
+    spec = instantiate(cfg.guidance) if cfg.get("guidance") else NoGuidance()
+    if spec.needs_labels and not getattr(datamodule, "num_classes", 0):
+        raise ConfigError(
+            f"guidance={type(spec).__name__} needs a labelled data set; "
+            f"{type(datamodule).__name__}({getattr(datamodule, 'name', '')}) has no labels. "
+            "Use a labelled one (ring8, grid25, mixture1d, moons, digits, digits16, mnist, "
+            "cifar10) or guidance=none."
+        )
+    return spec
+
+
 def build_network(
-    cfg_network: DictConfig, datamodule: Any, parameterization: Any
+    cfg_network: DictConfig, datamodule: Any, parameterization: Any, conditional: bool = False
 ) -> torch.nn.Module:
-    """The network; ``dim``, ``in_channels``, ``image_size``, ``num_classes`` left null come
-    from the data module."""
+    """The network; ``dim``, ``in_channels``, ``image_size`` left null come from the data module,
+    and ``num_classes`` too when the network is ``conditional`` (0 otherwise)."""
     if str(cfg_network.get("_target_", "")).endswith("Oracle"):
         mixture = getattr(datamodule, "mixture", None)
         if mixture is None:
@@ -40,13 +54,18 @@ def build_network(
                 f"{type(datamodule).__name__}({getattr(datamodule, 'name', '')}) has none. "
                 "Use data=ring8, data=grid25 or data=mixture1d, or a trained network (network=mlp)."
             )
-        return instantiate(cfg_network, mixture=mixture, parameterization=parameterization)
+        return instantiate(
+            cfg_network,
+            mixture=mixture,
+            parameterization=parameterization,
+            conditional=conditional,
+        )
     shape = tuple(datamodule.shape)
     from_data = {
         "dim": lambda: datamodule.dim,
         "in_channels": lambda: shape[0],
         "image_size": lambda: _square_size(shape),
-        "num_classes": lambda: datamodule.num_classes,
+        "num_classes": lambda: datamodule.num_classes if conditional else 0,
     }
     kwargs = {
         k: get() for k, get in from_data.items() if k in cfg_network and cfg_network[k] is None
@@ -68,7 +87,10 @@ def build_denoiser(cfg: DictConfig, datamodule: Any) -> Denoiser:
     """network + parameterization + schedule, checked on a dummy batch of the data's shape."""
     schedule = instantiate(cfg.schedule)
     parameterization = instantiate(cfg.parameterization)
-    network = build_network(cfg.network, datamodule, parameterization)
+    guidance = build_guidance(cfg, datamodule)
+    network = build_network(
+        cfg.network, datamodule, parameterization, conditional=guidance.conditional_network
+    )
     denoiser = Denoiser(network, parameterization, schedule)
     check_shapes(denoiser, tuple(datamodule.shape))
     return denoiser
@@ -89,6 +111,7 @@ def build_module(cfg: DictConfig, datamodule: Any) -> DiffusionModule:
     model = cfg.model
     lr_scheduler = model.get("lr_scheduler")
     return DiffusionModule(
+        p_uncond=build_guidance(cfg, datamodule).p_uncond,
         denoiser=build_denoiser(cfg, datamodule),
         weighting=instantiate(cfg.weighting),
         optimizer=instantiate(model.optimizer),

@@ -34,7 +34,12 @@ def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
 
 
 class DiffusionModule(pl.LightningModule):
-    """Trains ``denoiser`` on ``weighting``; T = 0 is continuous time, T > 0 a T-step model."""
+    """Trains ``denoiser`` on ``weighting``; T = 0 is continuous time, T > 0 a T-step model.
+
+    With ``p_uncond`` > 0 (classifier-free guidance) labels are dropped to the null token in
+    training; validation conditions on the true labels (a conditional network's ELBO of
+    log p(x | y)), or on none for an unconditional network.
+    """
 
     def __init__(
         self,
@@ -47,6 +52,7 @@ class DiffusionModule(pl.LightningModule):
         schedule_lr: float | None = None,
         reconstruction_nll: ReconstructionNLL = gaussian_reconstruction_nll,
         config: dict | None = None,
+        p_uncond: float = 0.0,
     ) -> None:
         super().__init__()
         self.denoiser = denoiser
@@ -57,6 +63,7 @@ class DiffusionModule(pl.LightningModule):
         self.schedule_lr = schedule_lr
         self.reconstruction_nll = reconstruction_nll
         self.config = config or {}
+        self.p_uncond = float(p_uncond)
         self.ema: AveragedModel | None = None
         if ema_decay is not None and 0.0 < ema_decay < 1.0:
             self.ema = AveragedModel(
@@ -78,12 +85,20 @@ class DiffusionModule(pl.LightningModule):
         """Whether there is anything to optimize (the oracle with a fixed schedule has not)."""
         return any(p.requires_grad for p in self.denoiser.parameters())
 
-    def _loss(self, batch: Any, denoiser: Denoiser):
+    def _loss(self, batch: Any, denoiser: Denoiser, drop_labels: bool = False):
         x0, y = split_batch(batch)
+        if y is not None and drop_labels and self.p_uncond > 0:
+            y = self.drop_labels(y)
         return self.weighting(denoiser, x0, y, T=self.T, reconstruction_nll=self.reconstruction_nll)
 
+    def drop_labels(self, y: Tensor) -> Tensor:
+        """Classifier-free guidance's training: y -> null token with probability p_uncond."""
+        null = getattr(self.denoiser.network, "num_classes", 0)
+        drop = torch.rand(y.shape, device=y.device) < self.p_uncond
+        return torch.where(drop, torch.full_like(y, null), y)
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        out = self._loss(batch, self.denoiser)
+        out = self._loss(batch, self.denoiser, drop_labels=True)
         if not torch.isfinite(out.loss):
             bad = [k for k, v in out.terms.items() if not torch.isfinite(v)]
             values = ", ".join(f"{k}={float(v):.4g}" for k, v in out.terms.items())

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
 
 from diffexp.diffusion.denoiser import Denoiser
 from diffexp.diffusion.elbo import ReconstructionNLL
@@ -21,9 +22,11 @@ from diffexp.factory import (
     ConfigError,
     build_datamodule,
     build_denoiser,
+    build_guidance,
     build_module,
     reconstruction_nll_of,
 )
+from diffexp.guidance import ClassifierGuided, NoGuidance
 
 
 @dataclass
@@ -105,3 +108,35 @@ def load_model(cfg: DictConfig, device: str = "cpu") -> LoadedModel:
     denoiser = module.eval_denoiser if cfg.get("use_ema", True) else module.denoiser
     denoiser.eval()
     return LoadedModel(denoiser.to(device), datamodule, module.T, str(path), train_cfg)
+
+
+def guided_denoiser(model: LoadedModel, cfg: DictConfig) -> nn.Module:
+    """The model wrapped by the configured guidance (``guidance=...``; none: as it is)."""
+    spec = build_guidance(cfg, model.datamodule) if cfg.get("guidance") else NoGuidance()
+    if isinstance(spec, ClassifierGuided):
+        return spec.wrap(model.denoiser, getattr(model.datamodule, "mixture", None))
+    if spec.conditional_network and not getattr(model.denoiser.network, "num_classes", 0):
+        raise ConfigError(
+            "guidance=cfg needs a model trained with classifier-free guidance (a conditional "
+            "network); this one is unconditional. Train with guidance=cfg, or use "
+            "guidance=classifier."
+        )
+    return spec.wrap(model.denoiser)
+
+
+def sampling_labels(cfg: DictConfig, model: LoadedModel, n: int, device: str) -> Tensor | None:
+    """Labels to sample: ``label=k`` for all, else cycling through every class; None for an
+    unconditional, unguided model."""
+    num_classes = getattr(model.datamodule, "num_classes", 0)
+    conditional = bool(getattr(model.denoiser.network, "num_classes", 0))
+    guided = cfg.get("guidance") and cfg.guidance.get("_target_", "").split(".")[-1] != "NoGuidance"
+    label = cfg.get("label")
+    if label is None and not (conditional or guided):
+        return None
+    if not num_classes:
+        raise ConfigError("labels were asked for, but the data set has none")
+    if label is not None:
+        if not 0 <= int(label) < num_classes:
+            raise ConfigError(f"label={label} is not a class of this data (0..{num_classes - 1})")
+        return torch.full((n,), int(label), dtype=torch.long, device=device)
+    return torch.arange(n, device=device) % num_classes

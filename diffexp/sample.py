@@ -1,6 +1,7 @@
 """Draw samples: ``python -m diffexp.sample run=<folder> | ckpt=<file> | network=oracle``.
 
-Writes ``samples.npz`` (``x``, and ``nfe``) and ``samples.png`` to its output folder.
+Writes ``samples.npz`` (``x``, ``nfe``, and ``y`` when labelled) and ``samples.png`` to its
+output folder. ``sampler=...``, ``steps=...``, ``guidance=cfg guidance.scale=...``, ``label=k``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import torch
 from omegaconf import DictConfig
 
 from diffexp.factory import build_sampler
-from diffexp.metrics.plots import plot_samples
-from diffexp.runs import load_model
+from diffexp.metrics.plots import plot_samples, save_image_grid
+from diffexp.runs import guided_denoiser, load_model, sampling_labels
 from diffexp.utils import log
 
 
@@ -27,15 +28,31 @@ def sample(cfg: DictConfig) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(cfg, device=cfg.device)
     sampler = build_sampler(cfg.sampler, cfg.get("steps"))
+    denoiser = guided_denoiser(model, cfg)
     gen = torch.Generator(device=cfg.device).manual_seed(int(cfg.seed))
-    shape = (int(cfg.n_samples), *model.datamodule.shape)
-    result = sampler.sample(model.denoiser, shape, generator=gen, device=cfg.device)
+    n = int(cfg.n_samples)
+    y = sampling_labels(cfg, model, n, cfg.device)
+    result = sampler.sample(
+        denoiser, (n, *model.datamodule.shape), y=y, generator=gen, device=cfg.device
+    )
     x = result.x.cpu()
     path = out_dir / "samples.npz"
-    np.savez(path, x=x.numpy(), nfe=result.nfe, sampler=repr(sampler), source=model.source)
-    if x.dim() == 2 and x.shape[1] <= 3:
+    extra = {} if y is None else {"y": y.cpu().numpy()}
+    np.savez(
+        path,
+        x=x.numpy(),
+        nfe=result.nfe,
+        sampler=repr(sampler),
+        source=model.source,
+        guidance=repr(denoiser) if denoiser is not model.denoiser else "none",
+        **extra,
+    )
+    title = f"{sampler!r}, NFE {result.nfe}"
+    if x.dim() == 4:
+        save_image_grid(x[:64], out_dir / "samples.png", nrow=8)
+    elif x.shape[1] <= 3:
         ref = model.datamodule.reference(x.shape[0], seed=10_000)
-        plot_samples(x, ref, out_dir / "samples.png", f"{sampler!r}, NFE {result.nfe}")
+        plot_samples(x, ref, out_dir / "samples.png", title)
     log.info("wrote %s (%d samples, NFE %d)", path, x.shape[0], result.nfe)
     print(f"wrote {path} ({x.shape[0]} samples, {sampler!r}, NFE {result.nfe})")
     return path

@@ -45,7 +45,8 @@ class MLP(nn.Module):
     """Residual MLP on x_t in R^dim, conditioned on scaled log-SNR and an optional label.
 
     With ``num_classes`` > 0 a label embedding is added to the noise embedding; index
-    ``num_classes`` is the null token that classifier-free guidance drops labels to.
+    ``num_classes`` is the null token that classifier-free guidance drops labels to (and what
+    ``y=None`` means).
     """
 
     def __init__(
@@ -76,7 +77,9 @@ class MLP(nn.Module):
                 "(network=unet is for images)"
             )
         emb = self.embed(log_snr)
-        if self.label_embed is not None and y is not None:
+        if self.label_embed is not None:
+            if y is None:  # unconditional: the null token
+                y = torch.full((x_t.shape[0],), self.num_classes, device=x_t.device)
             emb = emb + self.label_embed(y)
         h = self.inp(x_t)
         for block in self.blocks:

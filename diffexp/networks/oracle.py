@@ -41,11 +41,27 @@ class Oracle(nn.Module):
         if x_t.dim() != 2 or x_t.shape[1] != self.dim:
             raise ValueError(f"the oracle of a {self.dim}-D mixture got shape {tuple(x_t.shape)}")
         mixture = self.mixture.to(dtype=x_t.dtype, device=x_t.device)
-        if not self.conditional:
-            y = None
-        elif y is not None and bool((y == self.num_classes).any()):
-            raise NotImplementedError("mixed null / real labels in one oracle batch")
         lam = broadcast_like(log_snr, x_t)
-        x0_hat = mixture.posterior_mean(x_t, lam[:, 0], y=y)
-        eps_hat = -torch.sigmoid(-lam).sqrt() * mixture.score(x_t, lam[:, 0], y=y)
+        x0_hat = mixture.posterior_mean(x_t, lam[:, 0])
+        score = mixture.score(x_t, lam[:, 0])
+        if self.conditional and y is not None:
+            real = (y != self.num_classes)[:, None]  # the null token stays unconditional
+            component = y.clamp(max=self.num_classes - 1)
+            x0_hat = torch.where(real, mixture.posterior_mean(x_t, lam[:, 0], y=component), x0_hat)
+            score = torch.where(real, mixture.score(x_t, lam[:, 0], y=component), score)
+        eps_hat = -torch.sigmoid(-lam).sqrt() * score
         return self.parameterization.output_from(x0_hat, eps_hat, lam)
+
+
+class OracleClassifier(nn.Module):
+    """The exact noisy classifier of a mixture: logits = log p(y = k | x_t) = log r_k(x_t)."""
+
+    def __init__(self, mixture: GaussianMixture) -> None:
+        super().__init__()
+        self.mixture = mixture
+        self.num_classes = mixture.num_components
+
+    def forward(self, x_t: Tensor, log_snr: Tensor) -> Tensor:
+        """log r_k(x_t) under q(x_t) at log_snr (normalized logits)."""
+        mixture = self.mixture.to(dtype=x_t.dtype, device=x_t.device)
+        return mixture.responsibilities(x_t, broadcast_like(log_snr, x_t)[:, 0])

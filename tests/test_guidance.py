@@ -1,0 +1,126 @@
+"""Guidance against the oracle: the w = 0 / w = 1 identities and exact classifier guidance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from diffexp.data.mixtures import make_mixture
+from diffexp.diffusion import schedules as S
+from diffexp.diffusion.denoiser import Denoiser
+from diffexp.diffusion.elbo import diffuse
+from diffexp.diffusion.guidance import ClassifierFreeGuidance, ClassifierGuidance
+from diffexp.diffusion.parameterizations import get_parameterization
+from diffexp.networks import Oracle, OracleClassifier
+from tests.helpers import ENDS, F64
+
+
+def _conditional_oracle(param="eps"):
+    mixture = make_mixture("ring8").to(dtype=F64)
+    p = get_parameterization(param)
+    return Denoiser(Oracle(mixture, p, conditional=True), p, S.Cosine(**ENDS)).double(), mixture
+
+
+def _batch(mixture, n=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0, y = mixture.sample(n, generator=g)
+    lam = torch.rand(n, generator=g, dtype=F64) * 16 - 7
+    return diffuse(x0, lam, torch.randn(x0.shape, generator=g, dtype=F64)), y, lam
+
+
+class _Counting(nn.Module):
+    """Counts network calls."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.calls = net, 0
+        self.num_classes = net.num_classes
+
+    def forward(self, x_t, log_snr, y=None):
+        self.calls += 1
+        return self.net(x_t, log_snr, y)
+
+
+@pytest.mark.parametrize("param", ["eps", "x0", "v"])
+def test_cfg_w0_is_unconditional_and_w1_is_conditional(param):
+    den, mixture = _conditional_oracle(param)
+    x_t, y, lam = _batch(mixture)
+    null = torch.full_like(y, mixture.num_components)
+    uncond = den(x_t, y=null, log_snr=lam)
+    cond = den(x_t, y=y, log_snr=lam)
+    for w, expected in ((0.0, uncond), (1.0, cond)):
+        guided = ClassifierFreeGuidance(den, w, null_label=mixture.num_components)
+        out = guided(x_t, y=y, log_snr=lam)
+        torch.testing.assert_close(out.eps_hat, expected.eps_hat, rtol=0, atol=1e-12)
+        torch.testing.assert_close(out.x0_hat, expected.x0_hat, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(out.score, expected.score, rtol=1e-10, atol=1e-10)
+    # and the unconditional branch really is the mixture's unconditional score
+    torch.testing.assert_close(uncond.score, mixture.score(x_t, lam))
+    torch.testing.assert_close(cond.score, mixture.score(x_t, lam, y=y))
+
+
+def test_cfg_makes_one_batched_network_call():
+    den, mixture = _conditional_oracle()
+    den.network = _Counting(den.network)
+    x_t, y, lam = _batch(mixture, n=8)
+    ClassifierFreeGuidance(den, 3.0, null_label=8)(x_t, y=y, log_snr=lam)
+    assert den.network.calls == 1
+
+
+def test_classifier_guidance_with_the_exact_classifier_and_w1_is_the_conditional_score():
+    den, mixture = _conditional_oracle()
+    x_t, y, lam = _batch(mixture, seed=1)
+    guided = ClassifierGuidance(den, OracleClassifier(mixture), scale=1.0)
+    out = guided(x_t, y=y, log_snr=lam)  # base called without y: the unconditional model
+    torch.testing.assert_close(out.score, mixture.score(x_t, lam, y=y), rtol=1e-8, atol=1e-8)
+    # w = 0 leaves the unconditional score
+    out0 = ClassifierGuidance(den, OracleClassifier(mixture), scale=0.0)(x_t, y=y, log_snr=lam)
+    torch.testing.assert_close(out0.score, mixture.score(x_t, lam), rtol=1e-10, atol=1e-10)
+
+
+def test_guidance_without_labels_is_a_clear_error():
+    den, mixture = _conditional_oracle()
+    x_t, _, lam = _batch(mixture, n=4)
+    with pytest.raises(ValueError, match="needs labels"):
+        ClassifierFreeGuidance(den, 2.0, null_label=8)(x_t, log_snr=lam)
+    with pytest.raises(ValueError, match="needs labels"):
+        ClassifierGuidance(den, OracleClassifier(mixture), 1.0)(x_t, log_snr=lam)
+
+
+# --- guidance in the framework: configs, training with label dropout, refusals ---------------
+
+from pathlib import Path  # noqa: E402
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from diffexp.factory import ConfigError, build_datamodule, build_module  # noqa: E402
+from diffexp.train import train  # noqa: E402
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def _cfg(overrides, tmp_path, name="train"):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(name, overrides=[f"paths.output_dir={tmp_path}", *overrides])
+
+
+def test_guidance_on_unlabelled_data_stops_at_once(tmp_path):
+    for guidance in ("cfg", "classifier"):
+        cfg = _cfg(["data=swissroll", f"guidance={guidance}"], tmp_path)
+        with pytest.raises(ConfigError, match="needs a labelled data set"):
+            build_module(cfg, build_datamodule(cfg.data))
+
+
+def test_cfg_training_drops_labels_to_the_null_token(tmp_path):
+    cfg = _cfg(["guidance=cfg", "guidance.p_uncond=0.25"], tmp_path)
+    module = build_module(cfg, build_datamodule(cfg.data))
+    assert module.denoiser.network.num_classes == 8  # conditional on the ring's components
+    torch.manual_seed(0)
+    y = module.drop_labels(torch.zeros(20000, dtype=torch.long))
+    assert set(y.unique().tolist()) == {0, 8}
+    assert abs((y == 8).float().mean().item() - 0.25) < 0.01
+
+
+def test_cfg_fast_dev_run(tmp_path):
+    train(_cfg(["debug=fdr", "guidance=cfg"], tmp_path))
