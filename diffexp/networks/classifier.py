@@ -149,11 +149,11 @@ class NoisyConvClassifier(nn.Module):
 
     def forward(self, x_t: Tensor, log_snr: Tensor) -> Tensor:
         """Unnormalized log p_phi(y | x_t) for every class, shape [B, num_classes]."""
-        expected = (self.in_channels, self.image_size, self.image_size)
-        if x_t.dim() != 4 or tuple(x_t.shape[1:]) != expected:
+        c, size = self.in_channels, self.image_size
+        if x_t.dim() != 4 or tuple(x_t.shape[1:]) != (c, size, size):
             raise ValueError(
-                f"NoisyConvClassifier takes images of shape [batch, {', '.join(map(str, expected))}]"
-                f", got {tuple(x_t.shape)}; for vectors use NoisyMLPClassifier (classifier.kind=mlp)"
+                f"NoisyConvClassifier takes images of shape [batch, {c}, {size}, {size}], got "
+                f"{tuple(x_t.shape)}; for vectors use NoisyMLPClassifier (classifier.kind=mlp)"
             )
         emb = self.embed(log_snr_per_example(log_snr, x_t))
         h = self.stem(x_t)
