@@ -2,14 +2,71 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import nn
 
 from diffexp.data.mixtures import make_mixture
 from diffexp.diffusion import schedules as S
-from diffexp.diffusion.samplers import Ancestral, time_grid
+from diffexp.diffusion.samplers import (
+    DDIM,
+    Ancestral,
+    AnnealedLangevin,
+    PredictorCorrector,
+    ProbabilityFlowODE,
+    ReverseSDE,
+    Sampler,
+    time_grid,
+)
 from diffexp.metrics.sliced_wasserstein import sliced_wasserstein
 from tests.helpers import ENDS, oracle_denoiser
+
+N = 4000
+LAST = "last_step"
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def ring():
+    """Held-out ring data: two sets of N for the noise floor, the data's mean log-density."""
+    mixture = make_mixture("ring8")
+    ref, ref2 = (mixture.sample(N, generator=_gen(s))[0] for s in (1, 2))
+    big = mixture.sample(200_000, generator=_gen(3))[0]
+    return {
+        "mixture": mixture,
+        "ref": ref,
+        "floor": sliced_wasserstein(ref2, ref, n_projections=512),
+        "data_log_density": mixture.log_prob(big).mean().item(),
+    }
+
+
+@pytest.fixture(scope="module")
+def den():
+    return oracle_denoiser("ring8", "eps", S.LogLinear(**ENDS)).float()
+
+
+class CountingDenoiser(nn.Module):
+    """Delegates to a denoiser and counts its forward calls."""
+
+    def __init__(self, denoiser):
+        super().__init__()
+        self.denoiser, self.calls = denoiser, 0
+
+    @property
+    def schedule(self):
+        return self.denoiser.schedule
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.denoiser(*args, **kwargs)
 
 
 @pytest.mark.parametrize("param", ["eps", "x0"])
@@ -39,6 +96,174 @@ def test_ancestral_sampler_with_too_few_steps_is_measurably_worse():
     assert sliced_wasserstein(coarse, ref) > 2 * sliced_wasserstein(fine, ref)
 
 
+# every sampler at enough steps (NFE in the comment)
+CONVERGED = {
+    "ddim-eta0": DDIM(500, 0.0, "log_snr", LAST),  # 500
+    "sde": ReverseSDE(500, "log_snr", LAST),  # 500
+    "ode-heun": ProbabilityFlowODE(50, "heun", time_grid="karras", final_denoise=LAST),  # 99
+    "ode-dpmpp_2m": ProbabilityFlowODE(100, "dpmpp_2m", time_grid="log_snr", final_denoise=LAST),
+    "ode-dopri5": ProbabilityFlowODE(solver="dopri5", rtol=1e-4, atol=1e-4),  # ~75
+    "ode-rk4": ProbabilityFlowODE(20, "rk4", time_grid="log_snr", final_denoise=LAST),  # 77
+    "langevin": AnnealedLangevin(10, 100, 0.5, "log_snr", LAST),  # 991
+    "pc-ancestral": PredictorCorrector("ancestral", 500, 1, 0.16, "log_snr", LAST),  # 999
+    "pc-ddim": PredictorCorrector("ddim", 200, 1, 0.16, "log_snr", LAST),  # 399
+    "pc-sde": PredictorCorrector("sde", 200, 1, 0.16, "log_snr", LAST),  # 399
+}
+
+
+@pytest.mark.parametrize("name", list(CONVERGED))
+def test_every_sampler_with_enough_steps_reproduces_the_ring(name, den, ring):
+    result = CONVERGED[name].sample(den, (N, 2), generator=_gen(0))
+    distance = sliced_wasserstein(result.x, ring["ref"], n_projections=512)
+    assert distance < 1.5 * ring["floor"], (distance, ring["floor"])
+    gap = ring["mixture"].log_prob(result.x).mean().item() - ring["data_log_density"]
+    assert abs(gap) < 0.05, gap
+
+
+def test_reverse_sde_on_a_cosine_schedule_uses_its_derivative(ring):
+    den = oracle_denoiser("ring8", "eps", S.Cosine(**ENDS)).float()
+    result = ReverseSDE(500, "uniform", True).sample(den, (N, 2), generator=_gen(0))
+    assert result.nfe == 501
+    assert sliced_wasserstein(result.x, ring["ref"], n_projections=512) < 1.5 * ring["floor"]
+    gap = ring["mixture"].log_prob(result.x).mean().item() - ring["data_log_density"]
+    assert abs(gap) < 0.05, gap
+
+
+def test_ddim_with_eta_1_is_the_ancestral_sampler(den, ring):
+    den64, f64 = oracle_denoiser("ring8", "eps", S.LogLinear(**ENDS)), torch.float64
+    for grid, final in [("uniform", True), ("karras", LAST)]:
+        a = Ancestral(30, grid, final).sample(den64, (1000, 2), generator=_gen(4), dtype=f64)
+        b = DDIM(30, 1.0, grid, final).sample(den64, (1000, 2), generator=_gen(4), dtype=f64)
+        assert a.nfe == b.nfe
+        # the same draws give the same samples, up to rounding
+        torch.testing.assert_close(a.x, b.x, rtol=0, atol=1e-9)
+    # and in distribution, from independent draws
+    a = Ancestral(200).sample(den, (N, 2), generator=_gen(5)).x
+    b = DDIM(200, 1.0).sample(den, (N, 2), generator=_gen(6)).x
+    assert sliced_wasserstein(a, b, n_projections=512) < 1.5 * ring["floor"]
+
+
+def test_ddim_with_eta_0_is_deterministic_given_the_initial_noise(den, monkeypatch):
+    sampler = DDIM(20, 0.0, "log_snr", LAST)
+    a = sampler.sample(den, (500, 2), generator=_gen(7)).x
+    b = sampler.sample(den, (500, 2), generator=_gen(7)).x
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    # later draws, whatever they are, change nothing: only x_1 (the first draw) matters
+    real_randn, calls = torch.randn, []
+
+    def randn_with_garbage_after_the_first(*args, **kwargs):
+        calls.append(args)
+        z = real_randn(*args, **kwargs)
+        return z if len(calls) == 1 else 100.0 * z + 7.0
+
+    monkeypatch.setattr(torch, "randn", randn_with_garbage_after_the_first)
+    c = sampler.sample(den, (500, 2), generator=_gen(7)).x
+    torch.testing.assert_close(a, c, rtol=0, atol=0)
+    calls.clear()
+    noisy = DDIM(20, 0.5, "log_snr", LAST)  # eta > 0 does depend on them
+    d = noisy.sample(den, (500, 2), generator=_gen(7)).x
+    assert len(calls) > 1
+    monkeypatch.setattr(torch, "randn", real_randn)
+    assert not torch.allclose(d, noisy.sample(den, (500, 2), generator=_gen(7)).x)
+
+
+def _nfe_formula(sampler: Sampler, steps: int) -> int | None:
+    """NFE each sampler documents, for ``steps`` grid steps; None for adaptive solvers."""
+    final = sampler.final_denoise
+    end = 1 if final == LAST else 0
+    extra = 1 if final else 0
+    if isinstance(sampler, ProbabilityFlowODE):
+        if sampler.adaptive:
+            return None
+        per_step = {"heun": 2, "euler": 1, "dpmpp_2m": 1, "rk4": 4, "midpoint": 2}[sampler.solver]
+        return per_step * (steps - end) + extra
+    if isinstance(sampler, AnnealedLangevin):
+        return sampler.steps_per_level * (steps - end) + extra
+    if isinstance(sampler, PredictorCorrector):
+        return (1 + sampler.corrector_steps) * (steps - end) + extra
+    return steps - end + extra
+
+
+NFE_CASES = [
+    Ancestral(),
+    Ancestral(final_denoise=LAST),
+    Ancestral(final_denoise=False),
+    DDIM(eta=0.0),
+    DDIM(eta=0.3, time_grid="karras", final_denoise=LAST),
+    ReverseSDE(final_denoise=False),
+    ReverseSDE(final_denoise=LAST),
+    ProbabilityFlowODE(solver="heun"),
+    ProbabilityFlowODE(solver="heun", final_denoise=LAST),
+    ProbabilityFlowODE(solver="euler", final_denoise=False),
+    ProbabilityFlowODE(solver="dpmpp_2m", time_grid="log_snr", final_denoise=LAST),
+    ProbabilityFlowODE(solver="rk4", time_grid="log_snr"),
+    ProbabilityFlowODE(solver="midpoint", final_denoise=LAST),
+    ProbabilityFlowODE(solver="dopri5", rtol=1e-3, atol=1e-3),
+    AnnealedLangevin(steps_per_level=3),
+    AnnealedLangevin(steps_per_level=2, final_denoise=LAST),
+    PredictorCorrector("ancestral", corrector_steps=2),
+    PredictorCorrector("ddim", final_denoise=LAST),
+    PredictorCorrector("sde", final_denoise=False, step_size="per_example"),
+]
+
+
+@pytest.mark.parametrize("sampler", NFE_CASES, ids=repr)
+def test_nfe_is_exact(sampler, den):
+    for steps in (1, 2, 5, 8):
+        sampler.steps = steps  # callers may override the number of steps
+        counting = CountingDenoiser(den)
+        result = sampler.sample(counting, (16, 2), generator=_gen(0))
+        assert result.nfe == counting.calls, (steps, result.nfe, counting.calls)
+        expected = _nfe_formula(sampler, steps)
+        assert expected is None or result.nfe == expected, (steps, result.nfe, expected)
+        assert result.x.shape == (16, 2) and torch.isfinite(result.x).all()
+
+
+def test_reprs_name_the_sampler_and_its_settings():
+    assert repr(DDIM(7, 0.5, "karras", LAST)) == (
+        "DDIM(steps=7, eta=0.5, time_grid='karras', final_denoise='last_step')"
+    )
+    assert repr(ProbabilityFlowODE(solver="dopri5", rtol=1e-3, atol=1e-4)).startswith(
+        "ProbabilityFlowODE(steps=50, solver='dopri5', rtol=0.001, atol=0.0001"
+    )
+    assert "levels=100" in repr(AnnealedLangevin()) and "step_scale" in repr(AnnealedLangevin())
+    assert "predictor='sde'" in repr(PredictorCorrector("sde"))
+    for sampler in NFE_CASES:
+        assert repr(sampler).startswith(type(sampler).__name__ + "(steps=") or (
+            isinstance(sampler, (AnnealedLangevin, PredictorCorrector))
+        )
+    assert AnnealedLangevin(levels=4, steps=9).levels == 9  # ``steps`` overrides ``levels``
+    with pytest.raises(ValueError, match="final_denoise"):
+        DDIM(final_denoise="yes")
+    with pytest.raises(ValueError, match="valid"):
+        PredictorCorrector("heun")
+
+
+def test_every_sampler_config_instantiates_with_a_steps_override():
+    conf = Path(__file__).resolve().parents[1] / "conf" / "sampler"
+    names = sorted(p.stem for p in conf.glob("*.yaml"))
+    assert {"ancestral", "ddim", "sde", "ode", "langevin", "pc"} <= set(names)
+    for path in sorted(conf.glob("*.yaml")):
+        assert path.read_text().startswith("#"), path
+        cfg = OmegaConf.load(path)
+        assert isinstance(instantiate(cfg), Sampler)
+        assert instantiate(cfg, steps=7).steps == 7
+
+
+SCHEDULES = [S.Cosine(**ENDS), S.Linear(**ENDS), S.LogLinear(**ENDS)]
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize("kind", ["uniform", "log_snr", "karras"])
+def test_time_grids_run_from_0_to_1_strictly_increasing(sched, kind):
+    for steps in (1, 2, 10, 100):
+        t = time_grid(sched, steps, kind, dtype=torch.float64)
+        assert t.shape == (steps + 1,)
+        assert t[0] == 0.0 and t[-1] == 1.0
+        assert (t[1:] > t[:-1]).all()
+
+
 def test_time_grids():
     sched = S.Cosine(**ENDS)
     t = time_grid(sched, 10, "uniform", dtype=torch.float64)
@@ -48,6 +273,23 @@ def test_time_grids():
     torch.testing.assert_close(lam[1:] - lam[:-1], torch.full((10,), -1.8, dtype=torch.float64))
     with pytest.raises(ValueError, match="valid"):
         time_grid(sched, 10, "karras-typo")
+
+
+def test_karras_grid_spaces_sigma_to_the_one_over_rho_evenly():
+    sched, rho = S.Cosine(**ENDS), 7.0
+    t = time_grid(sched, 12, "karras", dtype=torch.float64)
+    sigma = torch.exp(-0.5 * sched.log_snr(t))  # s / a
+    lam_0, lam_1 = ENDS["log_snr_max"], ENDS["log_snr_min"]
+    torch.testing.assert_close(sigma[0].item(), math.exp(-lam_0 / 2))
+    torch.testing.assert_close(sigma[-1].item(), math.exp(-lam_1 / 2))
+    root = sigma ** (1 / rho)
+    steps = root[1:] - root[:-1]
+    torch.testing.assert_close(steps, steps.mean().expand(12))
+    # Karras's sigma_i = (s_max^(1/rho) + i/N (s_min^(1/rho) - s_max^(1/rho)))^rho, i = N - j
+    i = torch.arange(12, -1, -1, dtype=torch.float64)
+    s_max, s_min = math.exp(-lam_1 / 2), math.exp(-lam_0 / 2)
+    karras = (s_max ** (1 / rho) + i / 12 * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+    torch.testing.assert_close(sigma, karras)
 
 
 def test_deterministic_given_the_generator():

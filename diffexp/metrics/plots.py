@@ -13,11 +13,17 @@ from torch import Tensor  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
 
-def save_image_grid(images: Tensor, path: str | Path, nrow: int = 8) -> Path:
-    """Save images in [-1, 1] ([N, C, H, W]) as one PNG grid, atomically; returns the path."""
+def save_image_grid(images: Tensor, path: str | Path, nrow: int = 8, min_side: int = 32) -> Path:
+    """Save images in [-1, 1] ([N, C, H, W]) as one PNG grid, atomically; returns the path.
+
+    Images smaller than ``min_side`` pixels are enlarged by an integer factor (no smoothing).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid = make_grid(((images.detach().float().cpu() + 1) / 2).clamp(0, 1), nrow=nrow, padding=1)
+    images = ((images.detach().float().cpu() + 1) / 2).clamp(0, 1)
+    scale = max(1, min_side // images.shape[-1])  # small images enlarged by pixel repetition
+    images = images.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
+    grid = make_grid(images, nrow=nrow, padding=scale)
     array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
     if array.shape[2] == 1:
         array = array[:, :, 0]
