@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from diffexp.diffusion.elbo import diffuse, stratified_times
 from diffexp.diffusion.schedules import Schedule
-from diffexp.module import split_batch
+from diffexp.module import optimizers_with_schedule, split_batch
 from diffexp.networks.classifier import NoisyConvClassifier, NoisyMLPClassifier
 
 __all__ = [
@@ -148,14 +148,7 @@ class NoisyClassifierModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.classifier.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return optimizers_with_schedule(self.optimizer_factory(params), self.lr_scheduler_factory)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["diffexp_config"] = self.config

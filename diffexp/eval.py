@@ -160,21 +160,26 @@ def image_report(
     real = torch.cat([split_batch(b)[0] for b in dm.test_dataloader()])
     scores = fid_kid(real, x, extractor, batch_size=int(cfg.batch_size))
     floor = fid_kid(real[0::2], real[1::2], extractor, batch_size=int(cfg.batch_size))
+    dm.setup("fit")
+    train = torch.cat([split_batch(b)[0] for b in dm.train_dataloader()])[: x.shape[0]]
+    matched = fid_kid(real, train, extractor, batch_size=int(cfg.batch_size))
     report.update(
         {
             "fid": scores["fid"],
             "kid_mean": scores["kid_mean"],
             "kid_std": scores["kid_std"],
             "fid_real_halves": floor["fid"],
+            "fid_real_train": matched["fid"],
             "fid_protocol": {
                 "extractor": scores["extractor"],
                 "features_path": path,
                 "n_fake": scores["n_fake"],
                 "n_real": scores["n_real"],
                 "real": f"{cfg.split} split",
-                "floor": f"FID between the two halves of the {cfg.split} split "
-                f"({floor['n_real']} vs {floor['n_fake']} images; smaller n, so biased up)",
-                "sampler": repr(sampler),
+                "floor": f"fid_real_halves: FID between the two halves of the {cfg.split} split "
+                f"({floor['n_real']} vs {floor['n_fake']} images; smaller n, so biased up); "
+                f"fid_real_train: {matched['n_fake']} training images against the {cfg.split} "
+                "split (the sample FID's floor at the same sizes)",
                 "nfe": nfe,
                 "ema": bool(cfg.get("use_ema", True)),
             },

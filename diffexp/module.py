@@ -141,17 +141,20 @@ class DiffusionModule(pl.LightningModule):
             if self.schedule_lr is not None:
                 group["lr"] = self.schedule_lr
             groups.append(group)
-        optimizer = self.optimizer_factory(groups)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return optimizers_with_schedule(self.optimizer_factory(groups), self.lr_scheduler_factory)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["diffexp_config"] = self.config
+
+
+def optimizers_with_schedule(
+    optimizer: torch.optim.Optimizer, lr_scheduler_factory: Callable[..., Any] | None
+) -> Any:
+    """Lightning's configure_optimizers value: the optimizer, with a per-step LR schedule."""
+    if lr_scheduler_factory is None:
+        return optimizer
+    scheduler = lr_scheduler_factory(optimizer)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def cosine_warmup(

@@ -8,17 +8,13 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from diffexp.factory import build_datamodule, build_module
 from diffexp.utils import (
-    closing_wandb,
-    instantiate_all,
     log,
-    log_config,
     offline_wandb_by_default,
-    tag_wandb,
+    training_run,
     write_json,
 )
 
@@ -29,12 +25,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg.data)
     module = build_module(cfg, datamodule)
-    tag_wandb(cfg)
-    with closing_wandb():
-        loggers = instantiate_all(cfg.get("logger"))
-        callbacks = instantiate_all(cfg.get("callbacks"))
-        trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
-        log_config(loggers, cfg)
+    with training_run(cfg) as trainer:
         if module.has_trainable_parameters():
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         else:

@@ -28,12 +28,9 @@ from diffexp.classifier_module import (
 from diffexp.factory import ConfigError, build_datamodule
 from diffexp.networks.classifier import NoisyConvClassifier, NoisyMLPClassifier
 from diffexp.utils import (
-    closing_wandb,
     hydra_choices,
-    instantiate_all,
-    log_config,
     offline_wandb_by_default,
-    tag_wandb,
+    training_run,
     write_json,
 )
 
@@ -148,12 +145,7 @@ def train_noisy_classifier(cfg: DictConfig) -> TrainedClassifier:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg.data)
     module = build_classifier_module(cfg, datamodule)
-    tag_wandb(cfg)
-    with closing_wandb():
-        loggers = instantiate_all(cfg.get("logger"))
-        callbacks = instantiate_all(cfg.get("callbacks"))
-        trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
-        log_config(loggers, cfg)
+    with training_run(cfg) as trainer:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         if cfg.trainer.get("fast_dev_run"):
             return TrainedClassifier(module, datamodule, {}, None)

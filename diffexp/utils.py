@@ -87,6 +87,19 @@ def closing_wandb() -> Iterator[None]:
             wandb.finish(exit_code=1 if failed else 0)
 
 
+@contextlib.contextmanager
+def training_run(cfg: DictConfig) -> Iterator[Any]:
+    """W&B tagged and closed afterwards; yields the Trainer with the configured loggers and
+    callbacks, the resolved config already logged to every logger."""
+    tag_wandb(cfg)
+    with closing_wandb():
+        loggers = instantiate_all(cfg.get("logger"))
+        callbacks = instantiate_all(cfg.get("callbacks"))
+        trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+        log_config(loggers, cfg)
+        yield trainer
+
+
 def write_json(path: str | Path, data: dict[str, Any]) -> Path:
     """Write ``data`` as JSON atomically (through a temporary file and a rename)."""
     path = Path(path)

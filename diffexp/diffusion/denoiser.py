@@ -23,6 +23,18 @@ def broadcast_like(v: Tensor, x: Tensor) -> Tensor:
     return v.reshape(v.shape[0], *([1] * (x.dim() - 1)))
 
 
+def resolve_log_snr(
+    schedule: Schedule, x_t: Tensor, t: Tensor | None, log_snr: Tensor | None
+) -> Tensor:
+    """Per-example log-SNR [n] from exactly one of t (lambda = schedule(t)) and log_snr."""
+    if (t is None) == (log_snr is None):
+        raise ValueError("give exactly one of t and log_snr")
+    if log_snr is None:
+        log_snr = schedule.log_snr(torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device))
+    log_snr = torch.as_tensor(log_snr, dtype=x_t.dtype, device=x_t.device)
+    return log_snr.expand(x_t.shape[0]) if log_snr.dim() == 0 else log_snr
+
+
 @dataclass
 class DenoiserOutput:
     """The denoiser's estimates at one noise level; ``log_snr`` is broadcast against x."""
@@ -56,13 +68,7 @@ class Denoiser(nn.Module):
         log_snr: Tensor | None = None,
     ) -> DenoiserOutput:
         """Estimates at time t (lambda = schedule(t)) or directly at ``log_snr``."""
-        if (t is None) == (log_snr is None):
-            raise ValueError("give exactly one of t and log_snr")
-        if log_snr is None:
-            log_snr = self.schedule.log_snr(torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device))
-        log_snr = torch.as_tensor(log_snr, dtype=x_t.dtype, device=x_t.device)
-        if log_snr.dim() == 0:
-            log_snr = log_snr.expand(x_t.shape[0])
+        log_snr = resolve_log_snr(self.schedule, x_t, t, log_snr)
         out = self.network(x_t, log_snr, y)
         if out.shape != x_t.shape:
             raise ValueError(

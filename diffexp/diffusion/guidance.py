@@ -15,7 +15,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from diffexp.diffusion.denoiser import Denoiser, DenoiserOutput, broadcast_like
+from diffexp.diffusion.denoiser import (
+    Denoiser,
+    DenoiserOutput,
+    broadcast_like,
+    resolve_log_snr,
+)
 
 
 def _finish(base: Denoiser, x_t: Tensor, eps_hat: Tensor, lam: Tensor) -> DenoiserOutput:
@@ -48,14 +53,6 @@ class _Wrapper(nn.Module):
         """The base denoiser's network."""
         return self.base.network
 
-    def _log_snr(self, x_t: Tensor, t: Tensor | None, log_snr: Tensor | None) -> Tensor:
-        if (t is None) == (log_snr is None):
-            raise ValueError("give exactly one of t and log_snr")
-        if log_snr is None:
-            log_snr = self.schedule.log_snr(torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device))
-        log_snr = torch.as_tensor(log_snr, dtype=x_t.dtype, device=x_t.device)
-        return log_snr.expand(x_t.shape[0]) if log_snr.dim() == 0 else log_snr
-
     @staticmethod
     def _require_labels(y: Tensor | None, kind: str) -> Tensor:
         if y is None:
@@ -83,7 +80,7 @@ class ClassifierFreeGuidance(_Wrapper):
     ) -> DenoiserOutput:
         """The guided estimates; both branches in one batched network call."""
         y = self._require_labels(y, "classifier-free")
-        lam = self._log_snr(x_t, t, log_snr)
+        lam = resolve_log_snr(self.schedule, x_t, t, log_snr)
         both = self.base(
             torch.cat([x_t, x_t]),
             y=torch.cat([y, torch.full_like(y, self.null_label)]),
@@ -123,7 +120,7 @@ class ClassifierGuidance(_Wrapper):
     ) -> DenoiserOutput:
         """The guided estimates: eps = eps_hat - w s grad log p(y | x_t)."""
         y = self._require_labels(y, "classifier")
-        lam = self._log_snr(x_t, t, log_snr)
+        lam = resolve_log_snr(self.schedule, x_t, t, log_snr)
         pred = self.base(x_t, log_snr=lam)
         lam_b = broadcast_like(lam, x_t)
         s = torch.sigmoid(-lam_b).sqrt()
