@@ -125,18 +125,22 @@ def guided_denoiser(model: LoadedModel, cfg: DictConfig) -> nn.Module:
 
 
 def sampling_labels(cfg: DictConfig, model: LoadedModel, n: int, device: str) -> Tensor | None:
-    """Labels to sample: ``label=k`` for all, else cycling through every class; None for an
-    unconditional, unguided model."""
+    """Labels to sample: ``label=k`` for all, ``labels=[...]`` cycled, else every class cycled;
+    None for an unconditional, unguided model."""
     num_classes = getattr(model.datamodule, "num_classes", 0)
     conditional = bool(getattr(model.denoiser.network, "num_classes", 0))
     guided = cfg.get("guidance") and cfg.guidance.get("_target_", "").split(".")[-1] != "NoGuidance"
-    label = cfg.get("label")
-    if label is None and not (conditional or guided):
+    label, labels = cfg.get("label"), cfg.get("labels")
+    if label is not None and labels is not None:
+        raise ConfigError("give label=<k> or labels=[...], not both")
+    chosen = [int(label)] if label is not None else (list(labels) if labels else None)
+    if chosen is None and not (conditional or guided):
         return None
     if not num_classes:
         raise ConfigError("labels were asked for, but the data set has none")
-    if label is not None:
-        if not 0 <= int(label) < num_classes:
-            raise ConfigError(f"label={label} is not a class of this data (0..{num_classes - 1})")
-        return torch.full((n,), int(label), dtype=torch.long, device=device)
-    return torch.arange(n, device=device) % num_classes
+    if chosen is None:
+        chosen = list(range(num_classes))
+    bad = [k for k in chosen if not 0 <= int(k) < num_classes]
+    if bad:
+        raise ConfigError(f"labels {bad} are not classes of this data (0..{num_classes - 1})")
+    return torch.tensor(chosen, dtype=torch.long, device=device)[torch.arange(n) % len(chosen)]

@@ -64,3 +64,15 @@ def test_cfg_on_an_unconditional_oracle_is_refused(tmp_path):
     cfg = _cfg("sample", ["guidance=cfg", "n_samples=10", "data=swissroll"], tmp_path)
     with pytest.raises(ConfigError):
         sample(cfg)
+
+
+def test_labels_list_is_cycled(tmp_path):
+    cfg = _cfg(
+        "sample",
+        ["guidance=classifier", "labels=[1,6]", "n_samples=6", "sampler=ddim", "sampler.steps=5"],
+        tmp_path,
+    )
+    assert np.load(sample(cfg))["y"].tolist() == [1, 6, 1, 6, 1, 6]
+    bad = _cfg("sample", ["guidance=classifier", "label=9", "n_samples=2"], tmp_path)
+    with pytest.raises(ConfigError, match="not classes"):
+        sample(bad)
