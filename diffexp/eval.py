@@ -25,7 +25,13 @@ from diffexp.metrics.fid import fid_kid
 from diffexp.metrics.plots import plot_samples, save_image_grid
 from diffexp.metrics.sliced_wasserstein import sliced_wasserstein
 from diffexp.module import split_batch
-from diffexp.runs import LoadedModel, guided_denoiser, load_model, sampling_labels
+from diffexp.runs import (
+    LoadedModel,
+    describe_guidance,
+    guided_denoiser,
+    load_model,
+    sampling_labels,
+)
 from diffexp.utils import log, write_json
 
 
@@ -107,7 +113,7 @@ def sample_report(model: LoadedModel, cfg: DictConfig, out_dir: Path) -> dict[st
         report = image_report(x, model, cfg, out_dir, sampler, nfe)
         if labels is not None and cfg.get("classifier_accuracy", True):
             report.update(label_accuracy(x, labels.cpu(), model, cfg))
-        report["guidance"] = repr(denoiser) if denoiser is not model.denoiser else "none"
+        report["guidance"] = describe_guidance(denoiser, model.denoiser)
         return report
     ref, ref2 = dm.reference(n, seed=10_000), dm.reference(n, seed=10_001)
     proj = int(cfg.n_projections)
@@ -150,7 +156,9 @@ def image_report(
     data_cfg = model.config.data
     kind = cfg.get("fid_features") or data_cfg.get("fid_features")
     path = cfg.get("fid_features_path") or data_cfg.get("fid_features_path")
-    save_image_grid(x[:64], out_dir / "samples.png", nrow=8)
+    # with labels cycling through the classes, each column of the grid is one class
+    nrow = min(int(getattr(dm, "num_classes", 0)) or 8, 10) if cfg.get("label") is None else 8
+    save_image_grid(x[: nrow * nrow], out_dir / "samples.png", nrow=nrow)
     report: dict[str, Any] = {"sampler": repr(sampler), "nfe": nfe, "n_samples": x.shape[0]}
     if not kind:
         log.warning("no FID feature extractor configured (fid_features); skipping FID")

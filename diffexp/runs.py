@@ -144,3 +144,10 @@ def sampling_labels(cfg: DictConfig, model: LoadedModel, n: int, device: str) ->
     if bad:
         raise ConfigError(f"labels {bad} are not classes of this data (0..{num_classes - 1})")
     return torch.tensor(chosen, dtype=torch.long, device=device)[torch.arange(n) % len(chosen)]
+
+
+def describe_guidance(denoiser: nn.Module, base: nn.Module) -> str:
+    """A one-line name of the guidance wrapped around ``base`` ("none" when unwrapped)."""
+    if denoiser is base:
+        return "none"
+    return f"{type(denoiser).__name__}(scale={getattr(denoiser, 'scale', None)})"

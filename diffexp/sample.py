@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from diffexp.factory import build_sampler
 from diffexp.metrics.plots import plot_samples, save_image_grid
-from diffexp.runs import guided_denoiser, load_model, sampling_labels
+from diffexp.runs import describe_guidance, guided_denoiser, load_model, sampling_labels
 from diffexp.utils import log
 
 
@@ -44,7 +44,7 @@ def sample(cfg: DictConfig) -> Path:
         nfe=result.nfe,
         sampler=repr(sampler),
         source=model.source,
-        guidance=repr(denoiser) if denoiser is not model.denoiser else "none",
+        guidance=describe_guidance(denoiser, model.denoiser),
         **extra,
     )
     title = f"{sampler!r}, NFE {result.nfe}"
