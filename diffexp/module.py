@@ -101,7 +101,7 @@ class DiffusionModule(pl.LightningModule):
         out = self._loss(batch, self.denoiser, drop_labels=True)
         if not torch.isfinite(out.loss):
             bad = [k for k, v in out.terms.items() if not torch.isfinite(v)]
-            values = ", ".join(f"{k}={float(v):.4g}" for k, v in out.terms.items())
+            values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in out.terms.items())
             raise NonFiniteLossError(
                 f"non-finite training loss {float(out.loss)} at step {self.global_step} "
                 f"(epoch {self.current_epoch}, batch {batch_idx}); offending term(s): "

@@ -125,10 +125,11 @@ def test_wrong_input_shape_is_refused():
 def test_presets_build(name):
     cfg = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
     assert cfg.pop("_target_") == "diffexp.networks.unet.UNet"
-    assert cfg["in_channels"] is None and cfg["image_size"] is None and cfg["num_classes"] == 0
+    # filled from the data module (num_classes only for a conditional network, else 0)
+    assert cfg["in_channels"] is None and cfg["image_size"] is None and cfg["num_classes"] is None
     sizes = {"unet": [(3, 32)], "unet_small": [(1, 8), (1, 16)]}[name]
     for channels, size in sizes:
-        net = UNet(**{**cfg, "in_channels": channels, "image_size": size})
+        net = UNet(**{**cfg, "in_channels": channels, "image_size": size, "num_classes": 0})
         n_params = sum(p.numel() for p in net.parameters())
         print(f"network={name} at {channels}x{size}x{size}: {n_params:,} parameters")
         if name == "unet_small":
