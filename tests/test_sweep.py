@@ -1,0 +1,61 @@
+"""A sweep as a user runs it: 4 jobs, 4 folders, 4 separate offline W&B runs, then compare."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_four_job_sweep_and_compare(tmp_path):
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "diffexp.train",
+            "-m",
+            "parameterization=x0,eps",
+            "weighting=elbo,unit",
+            "debug=short",
+            "trainer.max_steps=30",
+            "data.n_train=2048",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    run_ids = set()
+    for job in jobs:
+        offline = list((job / "wandb").glob("offline-run-*"))
+        assert len(offline) == 1, f"{job} has {len(offline)} W&B runs"
+        run_ids.add(offline[0].name.rsplit("-", 1)[-1])
+        assert (job / "csv" / "metrics.csv").is_file() and (job / "summary.json").is_file()
+    assert len(run_ids) == 4, "jobs of a sweep must not share a W&B run"
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffexp.compare", str(sweep), "--group-by", "parameterization"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (sweep / "comparison.md").read_text().splitlines()
+    assert len(table) == 2 + 4 and "parameterization" in table[0] and "weighting" in table[0]
+    assert "val/elbo_nats" in table[0]
+    assert (sweep / "val_elbo_nats.png").is_file()
