@@ -71,6 +71,11 @@ class DiffusionModule(pl.LightningModule):
             )
             self.ema.requires_grad_(False)
 
+    def setup(self, stage: str) -> None:
+        """Each DDP rank draws its own noise: the global seed is offset by the rank."""
+        if self.trainer is not None and self.trainer.world_size > 1:
+            torch.manual_seed(torch.initial_seed() + self.trainer.global_rank)
+
     @property
     def schedule(self) -> Schedule:
         """The noise schedule being trained (or held fixed)."""

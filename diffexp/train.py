@@ -8,9 +8,10 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from diffexp.factory import build_datamodule, build_module
+from diffexp.factory import ConfigError, build_datamodule, build_module
 from diffexp.utils import (
     log,
     offline_wandb_by_default,
@@ -22,6 +23,7 @@ from diffexp.utils import (
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured module, validate it once more, and return the final val metrics."""
     offline_wandb_by_default()
+    refuse_multirun_with_subprocess_ddp(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg.data)
     module = build_module(cfg, datamodule)
@@ -37,9 +39,28 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if not cfg.trainer.get("fast_dev_run"):
             results = trainer.validate(module, datamodule=datamodule, verbose=False)
             metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
-            print(summary_line(metrics))
-            write_json(Path(cfg.paths.output_dir) / "summary.json", metrics)
+            if trainer.is_global_zero:
+                print(summary_line(metrics))
+                write_json(Path(cfg.paths.output_dir) / "summary.json", metrics)
     return metrics
+
+
+def refuse_multirun_with_subprocess_ddp(cfg: DictConfig) -> None:
+    """Hydra's local multirun launcher and Lightning's subprocess DDP do not mix: stop early."""
+    if not HydraConfig.initialized() or str(HydraConfig.get().mode) != "RunMode.MULTIRUN":
+        return
+    launcher = str(HydraConfig.get().launcher.get("_target_", ""))
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    devices = cfg.trainer.get("devices", 1)
+    many = devices in (-1, "auto") or (str(devices).isdigit() and int(devices) > 1)
+    if strategy == "ddp" and many and "submitit" not in launcher:
+        raise ConfigError(
+            f"multirun with trainer.strategy=ddp on devices={devices} is not supported: Lightning "
+            "would re-launch this script once per device inside a sweep job. Supported ways: "
+            "trainer=ddp_spawn (processes spawned inside each job), the SLURM launcher "
+            "(hydra/launcher=submitit_slurm, one task per GPU), or one process per job "
+            "(trainer.devices=1)."
+        )
 
 
 def summary_line(metrics: dict[str, float]) -> str:
