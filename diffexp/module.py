@@ -64,6 +64,8 @@ class DiffusionModule(pl.LightningModule):
         self.reconstruction_nll = reconstruction_nll
         self.config = config or {}
         self.p_uncond = float(p_uncond)
+        self._noise_generator: torch.Generator | None = None
+        self._pending_noise_state: Tensor | None = None
         self.ema: AveragedModel | None = None
         if ema_decay is not None and 0.0 < ema_decay < 1.0:
             self.ema = AveragedModel(
@@ -75,6 +77,19 @@ class DiffusionModule(pl.LightningModule):
         """Each DDP rank draws its own noise: the global seed is offset by the rank."""
         if self.trainer is not None and self.trainer.world_size > 1:
             torch.manual_seed(torch.initial_seed() + self.trainer.global_rank)
+
+    @property
+    def noise_generator(self) -> torch.Generator:
+        """The training noise's own RNG (t, eps, label dropout): saved in checkpoints, so a
+        resumed run draws what the uninterrupted run drew, whatever else used the global RNG."""
+        if self._noise_generator is None or self._noise_generator.device != self.device:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(int(torch.initial_seed()) % (2**63))
+            if self._pending_noise_state is not None:
+                gen.set_state(self._pending_noise_state)
+                self._pending_noise_state = None
+            self._noise_generator = gen
+        return self._noise_generator
 
     @property
     def schedule(self) -> Schedule:
@@ -90,20 +105,23 @@ class DiffusionModule(pl.LightningModule):
         """Whether there is anything to optimize (the oracle with a fixed schedule has not)."""
         return any(p.requires_grad for p in self.denoiser.parameters())
 
-    def _loss(self, batch: Any, denoiser: Denoiser, drop_labels: bool = False):
+    def _loss(self, batch: Any, denoiser: Denoiser, training: bool = False):
         x0, y = split_batch(batch)
-        if y is not None and drop_labels and self.p_uncond > 0:
+        if y is not None and training and self.p_uncond > 0:
             y = self.drop_labels(y)
-        return self.weighting(denoiser, x0, y, T=self.T, reconstruction_nll=self.reconstruction_nll)
+        gen = self.noise_generator if training else None
+        return self.weighting(
+            denoiser, x0, y, T=self.T, reconstruction_nll=self.reconstruction_nll, generator=gen
+        )
 
     def drop_labels(self, y: Tensor) -> Tensor:
         """Classifier-free guidance's training: y -> null token with probability p_uncond."""
         null = getattr(self.denoiser.network, "num_classes", 0)
-        drop = torch.rand(y.shape, device=y.device) < self.p_uncond
+        drop = torch.rand(y.shape, device=y.device, generator=self.noise_generator) < self.p_uncond
         return torch.where(drop, torch.full_like(y, null), y)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        out = self._loss(batch, self.denoiser, drop_labels=True)
+        out = self._loss(batch, self.denoiser, training=True)
         if not torch.isfinite(out.loss):
             bad = [k for k, v in out.terms.items() if not torch.isfinite(v)]
             values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in out.terms.items())
@@ -127,6 +145,13 @@ class DiffusionModule(pl.LightningModule):
             return True
         return bool(trainer._logger_connector.should_update_logs)
 
+    def on_train_epoch_start(self) -> None:
+        """The epoch's data order from the epoch number (Lightning's count is off after resume)."""
+        loader = self.trainer.train_dataloader
+        sampler = getattr(loader, "sampler", None)
+        if callable(getattr(sampler, "set_epoch", None)):
+            sampler.set_epoch(self.current_epoch)
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:
             self.ema.update_parameters(self.denoiser)
@@ -149,7 +174,16 @@ class DiffusionModule(pl.LightningModule):
         return optimizers_with_schedule(self.optimizer_factory(groups), self.lr_scheduler_factory)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the config (to rebuild the model) and the noise RNG (to resume exactly)."""
         checkpoint["diffexp_config"] = self.config
+        checkpoint["noise_rng_state"] = self.noise_generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the noise RNG, so a resumed run draws the noise the uninterrupted one did."""
+        state = checkpoint.get("noise_rng_state")
+        if state is not None:
+            self._pending_noise_state = state
+            self._noise_generator = None
 
 
 def optimizers_with_schedule(

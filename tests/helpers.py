@@ -20,3 +20,17 @@ def oracle_denoiser(preset: str = "ring8", param: str = "eps", schedule=None) ->
     p = get_parameterization(param)
     schedule = schedule if schedule is not None else S.LogLinear(**ENDS)
     return Denoiser(Oracle(mixture, p), p, schedule).double()
+
+
+class CrashAtStep:
+    """A callback that raises when training reaches ``step`` (a crash after a checkpoint)."""
+
+    def __new__(cls, step: int):
+        import pytorch_lightning as pl
+
+        class _Crash(pl.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if trainer.global_step == step:
+                    raise RuntimeError(f"simulated crash at step {step}")
+
+        return _Crash()

@@ -89,3 +89,17 @@ def test_a_file_that_is_not_a_diffexp_checkpoint_is_refused(tmp_path):
     torch.save({"weights": torch.ones(3)}, path)
     with pytest.raises(ValueError, match="not a diffexp checkpoint"):
         load_checkpoint(path)
+
+
+def test_a_failed_checkpoint_write_never_overwrites_a_good_one(tmp_path):
+    from diffexp.checkpoint_io import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "diffexp_config": {}}, path)
+    good = path.read_bytes()
+    with pytest.raises(Exception):  # noqa: B017 - whatever stops the write midway
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "bad": lambda: None}, path)
+    assert path.read_bytes() == good
+    assert not list(tmp_path.glob("*.tmp"))
+    assert torch.equal(load_checkpoint(path)["state_dict"]["w"], torch.ones(3))

@@ -37,7 +37,8 @@ def test_train_loader_full_batches_cover_each_example_at_most_once():
     assert len(loader) == 2_000 // 128
     index = {row: i for i, row in enumerate(_rows(dm.x_train))}
     orders = []
-    for _epoch in range(2):
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)  # what Lightning does before every epoch
         seen = []
         for batch in loader:
             assert isinstance(batch, tuple) and len(batch) == 2
@@ -50,6 +51,10 @@ def test_train_loader_full_batches_cover_each_example_at_most_once():
         assert len(seen) == (2_000 // 128) * 128 == len(set(seen))
         orders.append(seen)
     assert orders[0] != orders[1]  # a new permutation every epoch
+    # which depends only on (seed, epoch): a fresh loader at epoch 1 (a resumed run) sees the same
+    fresh = dm.train_dataloader()
+    fresh.sampler.set_epoch(1)
+    assert [index[row] for b in fresh for row in _rows(b[0])] == orders[1]
 
 
 def test_eval_loaders_are_sequential():

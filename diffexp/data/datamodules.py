@@ -20,7 +20,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
 from diffexp.data.mixtures import PRESETS, GaussianMixture, make_mixture
 
@@ -47,6 +47,40 @@ def derive_seed(seed: int, stream: int) -> int:
 def _identity(batch):
     """Collate function for pre-batched data: return the batch (a tuple) unchanged."""
     return batch
+
+
+class EpochShuffle(Sampler[int]):
+    """A random permutation per epoch that depends only on (seed, epoch), like DistributedSampler:
+    a run resumed at epoch k sees the same order as one that never stopped."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = int(n), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the permutation of ``epoch`` (Lightning calls this before every epoch)."""
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class EpochBatchSampler(BatchSampler):
+    """Batches of an ``EpochShuffle``, forwarding ``set_epoch`` to it."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forward the epoch to the shuffling sampler."""
+        self.sampler.set_epoch(epoch)
+
+
+def shuffled_batches(ds: Dataset, batch_size: int, seed: int) -> DataLoader:
+    """Full batches (drop_last) of a fresh, resumable permutation each epoch, gathered at once."""
+    shuffle = EpochShuffle(len(ds), derive_seed(seed, _STREAM_SHUFFLE))
+    sampler = EpochBatchSampler(shuffle, batch_size, drop_last=True)
+    return DataLoader(ds, sampler=sampler, batch_size=None, collate_fn=_identity)
 
 
 class TensorBatchDataset(Dataset):
@@ -201,11 +235,7 @@ class VectorDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled (seeded; a new permutation each epoch) full batches of ``batch_size``."""
         ds = self._dataset(self.x_train, self.y_train)
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, _STREAM_SHUFFLE))
-        sampler = BatchSampler(
-            RandomSampler(ds, generator=generator), self.batch_size, drop_last=True
-        )
-        return DataLoader(ds, sampler=sampler, batch_size=None, collate_fn=_identity)
+        return shuffled_batches(ds, self.batch_size, self.seed)
 
     def _eval_loader(self, x: Tensor, y: Tensor | None) -> DataLoader:
         ds = self._dataset(x, y)

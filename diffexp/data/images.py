@@ -27,9 +27,9 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
-from diffexp.data.datamodules import TensorBatchDataset, _identity, derive_seed
+from diffexp.data.datamodules import TensorBatchDataset, _identity, derive_seed, shuffled_batches
 from diffexp.diffusion.discretized import DiscretizedGaussianNLL
 
 __all__ = [
@@ -247,11 +247,7 @@ class ImageDataModule(pl.LightningDataModule):
                 f"batch_size={self.batch_size} exceeds n_train={len(ds)}: "
                 "the train loader drops incomplete batches and would be empty"
             )
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, _STREAM_SHUFFLE))
-        sampler = BatchSampler(
-            RandomSampler(ds, generator=generator), self.batch_size, drop_last=True
-        )
-        return DataLoader(ds, sampler=sampler, batch_size=None, collate_fn=_identity)
+        return shuffled_batches(ds, self.batch_size, self.seed)
 
     def _eval_loader(self, split: str) -> DataLoader:
         ds = self._dataset(split)
