@@ -21,7 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
-CHOICES = ("data", "schedule", "parameterization", "weighting", "network", "sampler", "guidance")
+from diffexp.utils import CHOICE_GROUPS as CHOICES  # noqa: E402
+
 COLUMNS = (
     "val/elbo_nats",
     "val/elbo_gap_nats",

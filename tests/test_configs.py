@@ -27,6 +27,7 @@ GROUPS = [
     "weighting",
     "network",
     "sampler",
+    "guidance",
     "trainer",
     "logger",
     "callbacks",
