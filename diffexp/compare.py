@@ -25,6 +25,7 @@ from diffexp.utils import CHOICE_GROUPS as CHOICES  # noqa: E402
 
 COLUMNS = (
     "val/elbo_nats",
+    "val/elbo_nats_se",
     "val/elbo_gap_nats",
     "val/bpd",
     "val/reconstruction_nats",
