@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from diffexp.diffusion.elbo import diffuse, stratified_times
 from diffexp.diffusion.schedules import Schedule
+from diffexp.factory import LABELLED_DATA
 from diffexp.module import optimizers_with_schedule, split_batch
 from diffexp.networks.classifier import NoisyConvClassifier, NoisyMLPClassifier
 
@@ -55,7 +56,7 @@ def _needs_labels(y: Tensor | None) -> Tensor:
     if y is None:
         raise ValueError(
             "classifier guidance needs a labelled data set: the batch has no labels y. Use one "
-            "of data=ring8, grid25, mixture1d, moons, digits, digits16, mnist, cifar10"
+            f"of data={', '.join(LABELLED_DATA)}"
         )
     return y.long()
 

@@ -41,11 +41,17 @@ def _mean_se(values: list[Tensor]) -> tuple[float, float]:
 
 
 @torch.no_grad()
+def split_loader(model: LoadedModel, split: str) -> Any:
+    """The loader of the evaluated split (test, else validation), its data set up."""
+    dm = model.datamodule
+    dm.setup("test" if split == "test" else "validate")
+    return dm.test_dataloader() if split == "test" else dm.val_dataloader()
+
+
 def elbo_report(model: LoadedModel, cfg: DictConfig) -> dict[str, Any]:
     """ELBO terms on the configured split, means and standard errors, nats and bits/dim."""
     dm = model.datamodule
-    dm.setup("test" if cfg.split == "test" else "validate")
-    loader = dm.test_dataloader() if cfg.split == "test" else dm.val_dataloader()
+    loader = split_loader(model, cfg.split)
     gen = torch.Generator(device=cfg.device).manual_seed(int(cfg.seed))
     per_example: dict[str, list[Tensor]] = {}
     for batch in loader:
@@ -202,8 +208,7 @@ def ode_likelihood_report(model: LoadedModel, cfg: DictConfig) -> dict[str, Any]
     if n <= 0:
         return {}
     dm = model.datamodule
-    loader = dm.test_dataloader() if cfg.split == "test" else dm.val_dataloader()
-    x0, y = split_batch(next(iter(loader)))
+    x0, y = split_batch(next(iter(split_loader(model, cfg.split))))
     x0, y = x0[:n].to(cfg.device), (None if y is None else y[:n].to(cfg.device))
     if not getattr(model.denoiser.network, "num_classes", 0):
         y = None

@@ -18,6 +18,10 @@ from diffexp.module import DiffusionModule
 DATA_INFO_KEYS = ("log_snr_max", "log_snr_min", "fid_features", "fid_features_path")
 
 
+# the data configs that carry labels (needed by guidance and by the noisy classifier)
+LABELLED_DATA = ("ring8", "grid25", "mixture1d", "moons", "digits", "digits16", "mnist", "cifar10")
+
+
 class ConfigError(ValueError):
     """A configuration that cannot work, with a message saying how to fix it."""
 
@@ -35,8 +39,7 @@ def build_guidance(cfg: DictConfig, datamodule: Any) -> Any:
         raise ConfigError(
             f"guidance={type(spec).__name__} needs a labelled data set; "
             f"{type(datamodule).__name__}({getattr(datamodule, 'name', '')}) has no labels. "
-            "Use a labelled one (ring8, grid25, mixture1d, moons, digits, digits16, mnist, "
-            "cifar10) or guidance=none."
+            f"Use a labelled one ({', '.join(LABELLED_DATA)}) or guidance=none."
         )
     return spec
 

@@ -25,7 +25,7 @@ from diffexp.classifier_module import (
     NoisyClassifierModule,
     build_classifier_from_spec,
 )
-from diffexp.factory import ConfigError, build_datamodule
+from diffexp.factory import LABELLED_DATA, ConfigError, build_datamodule
 from diffexp.networks.classifier import NoisyConvClassifier, NoisyMLPClassifier
 from diffexp.utils import (
     hydra_choices,
@@ -36,7 +36,6 @@ from diffexp.utils import (
 
 __all__ = ["TrainedClassifier", "classifier_spec", "summary_line", "train_noisy_classifier"]
 
-LABELLED_DATA = ("ring8", "grid25", "mixture1d", "moons", "digits", "digits16", "mnist", "cifar10")
 KINDS = ("auto", "mlp", "conv")
 
 
