@@ -97,7 +97,7 @@ def _curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 def load_run(run_dir: Path) -> Run:
     """Read one run folder."""
     final: dict[str, float] = {}
-    for name in ("summary.json", "metrics.json"):
+    for name in ("summary.json", "metrics.json", "eval/metrics.json"):
         if (run_dir / name).is_file():
             data = json.loads((run_dir / name).read_text())
             final.update({k: v for k, v in data.items() if isinstance(v, (int, float))})

@@ -20,6 +20,7 @@ from diffexp.diffusion.elbo import elbo_terms
 from diffexp.diffusion.likelihood import ode_log_likelihood
 from diffexp.factory import build_sampler
 from diffexp.metrics.elbo import elbo_metrics
+from diffexp.metrics.estimators import flatten, forms_report, schedules_report
 from diffexp.metrics.features import build_feature_extractor, classifier_accuracy, load_classifier
 from diffexp.metrics.fid import fid_kid
 from diffexp.metrics.plots import plot_samples, save_image_grid
@@ -237,6 +238,34 @@ def ode_likelihood_report(model: LoadedModel, cfg: DictConfig) -> dict[str, Any]
     return report
 
 
+def estimators_report(model: LoadedModel, cfg: DictConfig) -> dict[str, Any]:
+    """Spread of one-sample ELBO estimators: the two forms at each T, and other schedules."""
+    est = cfg.get("estimators") or {}
+    steps, names = list(est.get("forms_T") or []), list(est.get("schedules") or [])
+    if not steps and not names:
+        return {}
+    batches = []
+    for batch in split_loader(model, cfg.split):
+        x0, y = split_batch(batch)
+        batches.append((x0.to(cfg.device), None if y is None else y.to(cfg.device)))
+    gen = torch.Generator(device=cfg.device).manual_seed(int(cfg.seed) + 3)
+    n_repeats = int(est.get("n_repeats", 1))
+    args = (model.denoiser, batches)
+    kwargs = {"reconstruction_nll": model.reconstruction_nll, "generator": gen}
+    report: dict[str, Any] = {}
+    if steps:
+        report.update(flatten("forms", forms_report(*args, steps, n_repeats=n_repeats, **kwargs)))
+    if names:
+        stats = schedules_report(*args, names, n_repeats=n_repeats, **kwargs)
+        report.update(flatten("schedules", stats))
+    report["estimators_convention"] = (
+        "one-sample estimates of -ELBO (one time or step per example), nats per example: "
+        "<estimator>/nll_mean +- nll_se, nll_std = std of the one-sample estimate over examples, "
+        "times and noise; diffusion_* the same for the diffusion (or consistency) part"
+    )
+    return report
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation described by ``cfg`` and write metrics.json; returns the metrics."""
     pl.seed_everything(int(cfg.seed), verbose=False)
@@ -254,6 +283,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     metrics.update(elbo_report(model, cfg))
     metrics.update(ode_likelihood_report(model, cfg))
+    metrics.update(estimators_report(model, cfg))
     metrics.update(sample_report(model, cfg, out_dir))
     path = write_json(out_dir / "metrics.json", metrics)
     log.info("wrote %s", path)

@@ -113,10 +113,17 @@ def build_module(cfg: DictConfig, datamodule: Any) -> DiffusionModule:
     """The LightningModule for ``cfg`` on ``datamodule``."""
     model = cfg.model
     lr_scheduler = model.get("lr_scheduler")
+    weighting = instantiate(cfg.weighting)
+    if cfg.schedule.get("interior_objective") == "variance" and weighting.name != "elbo":
+        raise ConfigError(
+            f"schedule.interior_objective=variance minimizes the variance of the ELBO's "
+            f"diffusion term, but weighting={weighting.name} does not train on the ELBO; "
+            "use weighting=elbo (or schedule=learned for an interior trained on the loss)"
+        )
     return DiffusionModule(
         p_uncond=build_guidance(cfg, datamodule).p_uncond,
         denoiser=build_denoiser(cfg, datamodule),
-        weighting=instantiate(cfg.weighting),
+        weighting=weighting,
         optimizer=instantiate(model.optimizer),
         lr_scheduler=instantiate(lr_scheduler) if lr_scheduler else None,
         T=model.get("T", 0),

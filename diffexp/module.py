@@ -19,7 +19,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from diffexp.diffusion.denoiser import Denoiser
 from diffexp.diffusion.elbo import ReconstructionNLL, gaussian_reconstruction_nll
 from diffexp.diffusion.schedules import Schedule
-from diffexp.diffusion.weighting import Weighting
+from diffexp.diffusion.weighting import LossOutput, Weighting
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -122,6 +122,7 @@ class DiffusionModule(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         out = self._loss(batch, self.denoiser, training=True)
+        loss = out.loss
         if not torch.isfinite(out.loss):
             bad = [k for k, v in out.terms.items() if not torch.isfinite(v)]
             values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in out.terms.items())
@@ -136,7 +137,34 @@ class DiffusionModule(pl.LightningModule):
             self.log("train/loss", out.loss, prog_bar=True, batch_size=n)
             for k, v in out.terms.items():
                 self.log(f"train/{k}", v, batch_size=n)
-        return out.loss
+        if getattr(self.schedule, "interior_objective", "elbo") == "variance":
+            loss = loss + self._interior_variance_surrogate(out)
+        return loss
+
+    def _interior_variance_surrogate(self, out: LossOutput) -> Tensor:
+        """A term of value 0 whose gradient turns the schedule interior's loss gradient into
+        that of mean(L^2) (VDM: d/d eta E[L^2] = E[2 L dL/d eta], L the per-example diffusion
+        term): s = sum_p <p, g_p> - (same, detached), g_p = d/dp [mean(L^2) - loss], one extra
+        backward pass. Through the loss it is scaled, accumulated and all-reduced like the rest.
+        """
+        if out.diffusion is None:
+            raise ValueError(
+                "interior_objective=variance trains on the ELBO's diffusion term; "
+                "use weighting=elbo"
+            )
+        params = [p for p in self.schedule.interior_parameters() if p.requires_grad]
+        if not params:
+            return out.loss.new_zeros(())
+        objective = (out.diffusion**2).mean() - out.loss
+        grads = torch.autograd.grad(objective, params, retain_graph=True, allow_unused=True)
+        surrogate = sum(
+            (p * g.detach()).sum() for p, g in zip(params, grads, strict=True) if g is not None
+        )
+        if self._is_logging_step():
+            self.log(
+                "train/diffusion_std", out.diffusion.detach().std(), batch_size=len(out.diffusion)
+            )
+        return surrogate - surrogate.detach()
 
     def _is_logging_step(self) -> bool:
         """Whether the loggers will write this step (``self.log`` costs ~0.5 ms a call on CPU)."""

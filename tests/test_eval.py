@@ -76,3 +76,36 @@ def test_labels_list_is_cycled(tmp_path):
     bad = _cfg("sample", ["guidance=classifier", "label=9", "n_samples=2"], tmp_path)
     with pytest.raises(ConfigError, match="not classes"):
         sample(bad)
+
+
+def test_estimator_report_agrees_on_the_bound_and_differs_in_spread(tmp_path):
+    """The forms at T = 10 and three schedules with equal endpoints: one bound, many spreads."""
+    cfg = _cfg(
+        "eval",
+        [
+            "n_t=1",
+            "n_samples=0",
+            "estimators.forms_T=[10]",
+            "estimators.schedules=[own,cosine,linear]",
+            "estimators.n_repeats=2",
+        ],
+        tmp_path,
+    )
+    m = evaluate(cfg)
+
+    def agree(a: str, b: str) -> bool:
+        diff = m[f"{a}/nll_mean"] - m[f"{b}/nll_mean"]
+        return abs(diff) < 4 * (m[f"{a}/nll_se"] ** 2 + m[f"{b}/nll_se"] ** 2) ** 0.5
+
+    assert agree("forms/T10/denoising", "forms/T10/consistency")
+    assert agree("forms/T10/denoising", "forms/T10/consistency_sampled_middle")
+    assert agree("schedules/own", "schedules/cosine") and agree("schedules/own", "schedules/linear")
+    # log-linear spreads the ELBO's weight evenly in t: far less noise than DDPM's linear
+    assert m["schedules/linear/nll_std"] > 2 * m["schedules/own/nll_std"]
+    assert m["n_examples"] == 5000
+
+
+def test_estimator_report_rejects_unknown_schedules(tmp_path):
+    cfg = _cfg("eval", ["n_samples=0", "estimators.schedules=[learned]"], tmp_path)
+    with pytest.raises(ValueError, match="valid: own, linear, cosine, log_linear"):
+        evaluate(cfg)

@@ -261,14 +261,32 @@ class Learned(Schedule):
     gamma(t) = gamma_min + (gamma_max - gamma_min) (g(t) - g(0)) / (g(1) - g(0)), with
     g(t) = l1(t) + l3(sigmoid(l2(l1(t)))) built from positive-weight layers, so lambda(0) =
     log_snr_max and lambda(1) = log_snr_min exactly, both of them parameters.
+
+    ``interior_objective`` says how training moves the interior (the layers of g): ``elbo`` (the
+    gradient of the loss, zero in expectation for the continuous ELBO, which depends on the
+    endpoints only) or ``variance`` (VDM's procedure: minimize E[L^2], i.e. the variance of the
+    one-sample diffusion-term estimate L, by the gradient E[2 L dL/d eta]). The endpoints are
+    always trained on the ELBO.
     """
 
+    INTERIOR_OBJECTIVES = ("elbo", "variance")
+
     def __init__(
-        self, log_snr_max: float = 13.3, log_snr_min: float = -5.0, hidden: int = 1024
+        self,
+        log_snr_max: float = 13.3,
+        log_snr_min: float = -5.0,
+        hidden: int = 1024,
+        interior_objective: str = "elbo",
     ) -> None:
         super().__init__()
         if log_snr_max <= log_snr_min:
             raise ValueError(f"log_snr_max ({log_snr_max}) must exceed log_snr_min ({log_snr_min})")
+        if interior_objective not in self.INTERIOR_OBJECTIVES:
+            raise ValueError(
+                f"unknown interior_objective {interior_objective!r}; valid: "
+                f"{', '.join(self.INTERIOR_OBJECTIVES)}"
+            )
+        self.interior_objective = interior_objective
         self.log_snr_max = nn.Parameter(torch.tensor(float(log_snr_max)))
         self.log_snr_min = nn.Parameter(torch.tensor(float(log_snr_min)))
         self.l1 = _MonotoneLinear(1, 1)
@@ -285,6 +303,13 @@ class Learned(Schedule):
         frac = (self._g(t) - g_ends[0]) / (g_ends[1] - g_ends[0])
         lmax, lmin = self.log_snr_max.to(t.dtype), self.log_snr_min.to(t.dtype)
         return lmax + (lmin - lmax) * frac
+
+    def interior_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the shape g (everything but the two endpoints)."""
+        return [p for name, p in self.named_parameters() if not name.startswith("log_snr_")]
+
+    def extra_repr(self) -> str:
+        return f"interior_objective={self.interior_objective!r}"
 
 
 SCHEDULES = {"linear": Linear, "cosine": Cosine, "log_linear": LogLinear, "learned": Learned}

@@ -27,10 +27,12 @@ from diffexp.diffusion.elbo import (
 
 @dataclass
 class LossOutput:
-    """The scalar loss and its named parts (batch means, for logging and NaN reports)."""
+    """The scalar loss and its named parts (batch means, for logging and NaN reports); for the
+    ELBO, also the per-example one-sample diffusion-term estimate (``diffusion``)."""
 
     loss: Tensor
     terms: dict[str, Tensor] = field(default_factory=dict)
+    diffusion: Tensor | None = None
 
 
 class Weighting:
@@ -78,6 +80,7 @@ class ELBO(Weighting):
                 "prior": terms.prior.mean(),
                 "diffusion": terms.diffusion.mean(),
             },
+            diffusion=terms.diffusion,
         )
 
 
