@@ -83,9 +83,20 @@ def summary_line(metrics: dict[str, float]) -> str:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns the validation ELBO (for sweepers that optimize it)."""
-    metrics = train(cfg)
-    return metrics.get("val/elbo_nats")
+    """Hydra entry point; returns ``optimized_metric`` (for sweepers that optimize it)."""
+    return optimized_value(train(cfg), cfg.get("optimized_metric"))
+
+
+def optimized_value(metrics: dict[str, float], name: str | None) -> float | None:
+    """The final validation metric a sweeper optimizes; a clear error when it was not logged."""
+    if name is None:
+        return None
+    if name not in metrics:
+        raise KeyError(
+            f"optimized_metric={name!r} was not logged by this run; logged: "
+            f"{', '.join(sorted(metrics)) or 'nothing (is validation disabled?)'}"
+        )
+    return float(metrics[name])
 
 
 if __name__ == "__main__":

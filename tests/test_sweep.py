@@ -59,3 +59,48 @@ def test_four_job_sweep_and_compare(tmp_path):
     assert len(table) == 2 + 4 and "parameterization" in table[0] and "weighting" in table[0]
     assert "val/elbo_nats" in table[0]
     assert (sweep / "val_elbo_nats.png").is_file()
+
+
+@pytest.mark.slow
+def test_optuna_search_returns_the_best_trials_validation_elbo(tmp_path):
+    """hparams_search=optuna_lr_ema: each trial a job folder; the reported best is the best job."""
+    import json
+
+    import yaml
+
+    sweep = tmp_path / "optuna"
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "diffexp.train",
+            "-m",
+            "hparams_search=optuna_lr_ema",
+            "hydra.sweeper.n_trials=3",
+            "hydra.sweeper.sampler.n_startup_trials=2",
+            "debug=short",
+            "trainer.max_steps=30",
+            "data.n_train=2048",
+            "logger=csv",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1", "2"]
+    elbos, lrs = [], set()
+    for job in jobs:
+        elbos.append(json.loads((job / "summary.json").read_text())["val/elbo_nats"])
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+        lr = float(next(o for o in overrides if o.startswith("model.optimizer.lr=")).split("=")[1])
+        assert 1e-4 <= lr <= 1e-2
+        lrs.add(lr)
+    assert len(lrs) == 3, "each trial must draw its own learning rate"
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert result["best_value"] == pytest.approx(max(elbos), abs=1e-6)
