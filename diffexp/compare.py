@@ -1,7 +1,8 @@
 """Compare runs offline: ``python -m diffexp.compare <multirun folder | run folders> [options]``.
 
 Reads each run's Hydra config (``.hydra/config.yaml`` and ``overrides.yaml``), its CSV log
-(``csv/metrics.csv``) and its final numbers (``summary.json``, or ``metrics.json`` of an eval),
+(``csv/metrics.csv``) and its final numbers (``summary.json``, and an eval's ``metrics.json`` in
+the run folder or its ``eval/`` subfolder),
 and writes ``comparison.md`` (one row per run: its choices and final ELBO terms and bits/dim) and
 PNG plots of validation metrics against training steps, one line per run, coloured by
 ``--group-by`` (a config choice such as parameterization). No network is touched.
@@ -104,12 +105,13 @@ def load_run(run_dir: Path) -> Run:
     return Run(run_dir, _choices(run_dir), final, _curves(run_dir))
 
 
-def markdown_table(runs: list[Run]) -> str:
-    """One row per run: the choices that vary between runs and the final metrics."""
+def markdown_table(runs: list[Run], columns: tuple[str, ...] | list[str] = COLUMNS) -> str:
+    """One row per run: the choices that vary between runs and the final metrics in
+    ``columns`` (those that some run has)."""
     varying = [c for c in CHOICES if len({r.choices.get(c) for r in runs}) > 1] or [
         c for c in CHOICES if any(c in r.choices for r in runs)
     ]
-    columns = [c for c in COLUMNS if any(c in r.final for r in runs)]
+    columns = [c for c in columns if any(c in r.final for r in runs)]
     head = ["run", *varying, *columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
@@ -147,13 +149,27 @@ def plot_curves(runs: list[Run], out_dir: Path, group_by: str | None) -> list[Pa
     return written
 
 
-def compare(paths: list[Path], out_dir: Path | None = None, group_by: str | None = None) -> Path:
-    """Write comparison.md and the plots for the runs under ``paths``; returns the table's path."""
+def compare(
+    paths: list[Path],
+    out_dir: Path | None = None,
+    group_by: str | None = None,
+    columns: list[str] | None = None,
+) -> Path:
+    """Write comparison.md and the plots for the runs under ``paths``; returns the table's path.
+
+    ``columns``: the final metrics to tabulate (default: the validation ELBO terms), e.g. keys of
+    an eval's metrics.json such as ``elbo_nats`` or ``schedules/own/nll_std``.
+    """
     runs = [load_run(p) for p in find_runs(paths)]
+    if columns:
+        known = sorted({k for r in runs for k in r.final})
+        missing = [c for c in columns if c not in known]
+        if missing:
+            raise KeyError(f"no run has the column(s) {missing}; the runs have: {known}")
     out_dir = out_dir or (paths[0] if len(paths) == 1 else Path("."))
     out_dir.mkdir(parents=True, exist_ok=True)
     table = out_dir / "comparison.md"
-    table.write_text(markdown_table(runs))
+    table.write_text(markdown_table(runs, columns or COLUMNS))
     plot_curves(runs, out_dir, group_by)
     return table
 
@@ -168,8 +184,15 @@ def main() -> None:
     parser.add_argument(
         "--group-by", default=None, choices=CHOICES, help="colour lines by a choice"
     )
+    parser.add_argument(
+        "--columns",
+        nargs="+",
+        default=None,
+        help="final metrics to tabulate (default: the validation ELBO terms); keys of "
+        "summary.json or of an eval's metrics.json (<run>/metrics.json or <run>/eval/)",
+    )
     args = parser.parse_args()
-    table = compare(args.paths, args.out, args.group_by)
+    table = compare(args.paths, args.out, args.group_by, args.columns)
     print(table.read_text())
     print(f"wrote {table} and plots in {table.parent}")
 

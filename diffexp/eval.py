@@ -277,6 +277,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "T": model.T,
         "n_t": int(cfg.n_t),
         "use_ema": bool(cfg.get("use_ema", True)),
+        "log_snr_max": model.denoiser.schedule.endpoints[0],
+        "log_snr_min": model.denoiser.schedule.endpoints[1],
         "convention": "nats per example; elbo_nats = -(reconstruction + prior + diffusion); "
         "bpd = -ELBO / (d ln 2) on the data as given (continuous data: a density, no "
         "dequantization)",
