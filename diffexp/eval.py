@@ -259,9 +259,13 @@ def estimators_report(model: LoadedModel, cfg: DictConfig) -> dict[str, Any]:
         stats = schedules_report(*args, names, n_repeats=n_repeats, **kwargs)
         report.update(flatten("schedules", stats))
     report["estimators_convention"] = (
-        "one-sample estimates of -ELBO (one time or step per example), nats per example: "
-        "<estimator>/nll_mean +- nll_se, nll_std = std of the one-sample estimate over examples, "
-        "times and noise; diffusion_* the same for the diffusion (or consistency) part"
+        "one-sample estimates of -ELBO (one time or step per example), nats per example, over "
+        "n_repeats passes: <estimator>/nll_mean +- nll_se (over examples); nll_std: std of a "
+        "one-sample estimate over examples, times and noise; nll_noise_std: its std for a fixed "
+        "example; nll_diff_mean +- nll_diff_se: paired difference to the first estimator of the "
+        "group (forms: denoising at the same T; schedules: the first listed); diffusion_*: the "
+        "same for the diffusion part (the consistency form's excludes its prior term). "
+        "schedules/* are continuous-time ELBOs (also for a T-step model)"
     )
     return report
 

@@ -120,6 +120,12 @@ def build_module(cfg: DictConfig, datamodule: Any) -> DiffusionModule:
             f"diffusion term, but weighting={weighting.name} does not train on the ELBO; "
             "use weighting=elbo (or schedule=learned for an interior trained on the loss)"
         )
+    if cfg.schedule.get("interior_objective") == "variance" and int(model.get("T", 0)) > 0:
+        raise ConfigError(
+            f"schedule.interior_objective=variance needs continuous time (model.T=0), got "
+            f"model.T={model.T}: a T-step model's ELBO depends on the schedule's interior, so "
+            "E[L^2] is not its variance; use schedule=learned for a T-step model"
+        )
     return DiffusionModule(
         p_uncond=build_guidance(cfg, datamodule).p_uncond,
         denoiser=build_denoiser(cfg, datamodule),

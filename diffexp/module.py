@@ -123,11 +123,16 @@ class DiffusionModule(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         out = self._loss(batch, self.denoiser, training=True)
         loss = out.loss
-        if not torch.isfinite(out.loss):
+        if getattr(self.schedule, "interior_objective", "elbo") == "variance":
+            surrogate = self._interior_variance_surrogate(out)
+            if not torch.isfinite(surrogate):  # 0 unless the interior's gradient is NaN / inf
+                out.terms["schedule_interior_gradient"] = surrogate.detach()
+            loss = loss + surrogate
+        if not torch.isfinite(loss):
             bad = [k for k, v in out.terms.items() if not torch.isfinite(v)]
             values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in out.terms.items())
             raise NonFiniteLossError(
-                f"non-finite training loss {float(out.loss)} at step {self.global_step} "
+                f"non-finite training loss {float(loss)} at step {self.global_step} "
                 f"(epoch {self.current_epoch}, batch {batch_idx}); offending term(s): "
                 f"{bad or ['loss']}; terms: {values}. Lower model.optimizer.lr, check the data "
                 "for NaN/inf, or use a schedule whose log-SNR endpoints are finite."
@@ -137,8 +142,6 @@ class DiffusionModule(pl.LightningModule):
             self.log("train/loss", out.loss, prog_bar=True, batch_size=n)
             for k, v in out.terms.items():
                 self.log(f"train/{k}", v, batch_size=n)
-        if getattr(self.schedule, "interior_objective", "elbo") == "variance":
-            loss = loss + self._interior_variance_surrogate(out)
         return loss
 
     def _interior_variance_surrogate(self, out: LossOutput) -> Tensor:
@@ -146,7 +149,16 @@ class DiffusionModule(pl.LightningModule):
         that of mean(L^2) (VDM: d/d eta E[L^2] = E[2 L dL/d eta], L the per-example diffusion
         term): s = sum_p <p, g_p> - (same, detached), g_p = d/dp [mean(L^2) - loss], one extra
         backward pass. Through the loss it is scaled, accumulated and all-reduced like the rest.
+        Continuous time only (T = 0): only there is E[L] independent of the interior, so that
+        E[L^2] is the variance plus a constant. The gradient is in nats^2: global-norm gradient
+        clipping would let it dominate the network's norm; clip per group or not at all. A
+        non-finite gradient makes the value NaN, which the NaN check reports.
         """
+        if self.T > 0:
+            raise ValueError(
+                "interior_objective=variance needs a continuous-time model (model.T=0): for a "
+                "T-step model the ELBO depends on the interior too"
+            )
         if out.diffusion is None:
             raise ValueError(
                 "interior_objective=variance trains on the ELBO's diffusion term; "

@@ -93,15 +93,18 @@ def test_estimator_report_agrees_on_the_bound_and_differs_in_spread(tmp_path):
     )
     m = evaluate(cfg)
 
-    def agree(a: str, b: str) -> bool:
-        diff = m[f"{a}/nll_mean"] - m[f"{b}/nll_mean"]
-        return abs(diff) < 4 * (m[f"{a}/nll_se"] ** 2 + m[f"{b}/nll_se"] ** 2) ** 0.5
+    def agree(key: str) -> bool:  # paired with the first estimator of its group
+        return abs(m[f"{key}/nll_diff_mean"]) < 4 * m[f"{key}/nll_diff_se"]
 
-    assert agree("forms/T10/denoising", "forms/T10/consistency")
-    assert agree("forms/T10/denoising", "forms/T10/consistency_sampled_middle")
-    assert agree("schedules/own", "schedules/cosine") and agree("schedules/own", "schedules/linear")
+    assert agree("forms/T10/consistency") and agree("forms/T10/consistency_sampled_middle")
+    assert agree("schedules/cosine") and agree("schedules/linear")
+    # drawing z_i adds noise to the consistency terms; a fixed example's noise is most of the std
+    assert (
+        m["forms/T10/consistency_sampled_middle/nll_noise_std"]
+        > (m["forms/T10/consistency/nll_noise_std"])
+    )
     # log-linear spreads the ELBO's weight evenly in t: far less noise than DDPM's linear
-    assert m["schedules/linear/nll_std"] > 2 * m["schedules/own/nll_std"]
+    assert m["schedules/linear/nll_noise_std"] > 2 * m["schedules/own/nll_noise_std"]
     assert m["n_examples"] == 5000
 
 

@@ -10,10 +10,13 @@ from hydra import compose, initialize_config_dir
 
 from diffexp.data.mixtures import make_mixture
 from diffexp.diffusion import schedules as S
+from diffexp.diffusion.denoiser import Denoiser
 from diffexp.diffusion.elbo import elbo_terms
+from diffexp.diffusion.parameterizations import get_parameterization
 from diffexp.diffusion.weighting import ELBO
 from diffexp.factory import ConfigError, build_datamodule, build_module
 from diffexp.module import DiffusionModule
+from diffexp.networks import MLP
 from tests.helpers import F64, oracle_denoiser
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -34,24 +37,33 @@ def _data(n: int, seed: int) -> torch.Tensor:
 
 
 def test_surrogate_turns_the_interior_gradient_into_that_of_the_mean_squared_loss():
-    module = _module()
-    schedule = module.schedule
+    """Interior: d mean(L^2); endpoints and network: d loss, all from one backward pass."""
+    torch.manual_seed(0)
+    network = MLP(dim=2, width=32, depth=2)
+    torch.nn.init.normal_(network.out[1].weight, std=0.1)  # zero-initialized: give it a slope
+    schedule = S.Learned(10.0, -8.0, hidden=16, interior_objective="variance")
+    param = get_parameterization("eps")
+    module = DiffusionModule(
+        Denoiser(network, param, schedule).double(), ELBO(), optimizer=torch.optim.Adam
+    )
+    module._is_logging_step = lambda: False
     out = module.weighting(
         module.denoiser, _data(256, 0), generator=torch.Generator().manual_seed(0)
     )
     surrogate = module._interior_variance_surrogate(out)
     assert surrogate.item() == 0.0
     interior = schedule.interior_parameters()
-    ends = [schedule.log_snr_max, schedule.log_snr_min]
+    others = [schedule.log_snr_max, schedule.log_snr_min, *network.parameters()]
     want_interior = torch.autograd.grad(
         (out.diffusion**2).mean(), interior, retain_graph=True, allow_unused=True
     )
-    want_ends = torch.autograd.grad(out.loss, ends, retain_graph=True)
+    want_others = torch.autograd.grad(out.loss, others, retain_graph=True)
     (out.loss + surrogate).backward()
     for p, g in zip(interior, want_interior, strict=True):
         expected = torch.zeros_like(p) if g is None else g
         torch.testing.assert_close(p.grad, expected, rtol=1e-9, atol=1e-12)
-    for p, g in zip(ends, want_ends, strict=True):  # the endpoints still follow the ELBO
+    assert any(p.grad.abs().max() > 0 for p in network.parameters())
+    for p, g in zip(others, want_others, strict=True):  # endpoints and network follow the ELBO
         torch.testing.assert_close(p.grad, g, rtol=1e-9, atol=1e-12)
 
 
@@ -85,9 +97,13 @@ def test_learned_schedule_rejects_unknown_interior_objectives():
         S.Learned(interior_objective="entropy")
 
 
-def test_variance_objective_needs_the_elbo_weighting(tmp_path):
-    overrides = ["schedule=learned_min_variance", "weighting=unit", f"paths.output_dir={tmp_path}"]
+@pytest.mark.parametrize(
+    "override, message",
+    [("weighting=unit", "use weighting=elbo"), ("model.T=1000", "needs continuous time")],
+)
+def test_variance_objective_needs_the_continuous_elbo(tmp_path, override, message):
+    overrides = ["schedule=learned_min_variance", override, f"paths.output_dir={tmp_path}"]
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("train", overrides=overrides)
-    with pytest.raises(ConfigError, match="use weighting=elbo"):
+    with pytest.raises(ConfigError, match=message):
         build_module(cfg, build_datamodule(cfg.data))

@@ -13,8 +13,13 @@ over z_i is in closed form (a Gaussian bridge between z_{i-1} and z_{i+1}), so e
 Monte Carlo estimate over the two latents z_{i-1}, z_{i+1} only.
 
 Luo writes the inner term as KL(q(z_i | z_{i-1}) || p(z_i | z_{i+1})), which draws z_i without
-its dependence on z_{i+1}; that expression is not the ELBO (it is lower, measured in
-``tests/test_consistency.py``). Here z_i is drawn from the bridge, as the derivation requires.
+its dependence on z_{i+1}; that expression is not the ELBO but a looser bound (-ELBO higher:
+measured in ``tests/test_consistency.py``). Here z_i follows the bridge, as the derivation
+requires.
+
+``diffusion`` of the returned terms is the sum of the consistency terms alone: with prior'
+instead of the prior, its mean differs from the denoising form's diffusion term, and only the
+totals (``nll``) are the same bound.
 Everything is computed in float64: the transitions near t = 0 have variances of ~1e-6.
 """
 
@@ -52,9 +57,9 @@ def bridge(
     alpha, var = transition(log_snr_prev, log_snr)  # q(z | z_prev)
     alpha_n, var_n = transition(log_snr, log_snr_next)  # q(z_next | z)
     var_pn = var_n + alpha_n**2 * var  # q(z_next | z_prev)
-    b = lambda v: broadcast_like(v, z_prev)  # noqa: E731
-    mean = b(alpha * var_n / var_pn) * z_prev + b(alpha_n * var / var_pn) * z_next
-    return mean, b(var * var_n / var_pn)
+    w_prev = broadcast_like(alpha * var_n / var_pn, z_prev)
+    w_next = broadcast_like(alpha_n * var / var_pn, z_prev)
+    return w_prev * z_prev + w_next * z_next, broadcast_like(var * var_n / var_pn, z_prev)
 
 
 def expected_log_ratio(
@@ -143,8 +148,10 @@ def consistency_terms(
     n = x0.shape[0]
     ends = torch.tensor([0.0, (T - 1) / T, 1.0], device=x0.device, dtype=torch.float64)
     lam_0, lam_last, lam_1 = denoiser.schedule.log_snr(ends).double()
-    x_t0 = diffuse(x0, lam_0.to(x0.dtype), randn_like(x0, generator))
-    rec = reconstruction_nll(x0, denoiser(x_t0, y=y, log_snr=lam_0.to(x0.dtype)).x0_hat, lam_0)
+    net_dtype = next((p.dtype for p in denoiser.parameters()), x0.dtype)
+    x_t0 = diffuse(x0, lam_0, randn_like(x0.double(), generator)).to(net_dtype)
+    x0_hat = denoiser(x_t0, y=y, log_snr=lam_0.to(net_dtype)).x0_hat
+    rec = reconstruction_nll(x0, x0_hat.to(x0.dtype), lam_0.to(x0.dtype))
     prior = consistency_prior(x0, lam_last, lam_1, generator)
     if exact:
         steps = torch.arange(T, device=x0.device).expand(n, T)
@@ -158,7 +165,8 @@ def consistency_terms(
         for j in range(steps.shape[1])
     ]
     parts_t = torch.stack(parts, dim=1)
-    lams = denoiser.schedule.log_snr(steps.double() / T).double().expand_as(parts_t)
+    # tagged with the log-SNR the network sees (z_{i+1}'s), as the denoising form tags its terms
+    lams = denoiser.schedule.log_snr((steps.double() + 1) / T).double().expand_as(parts_t)
     return ELBOTerms(
         reconstruction=rec.double(),
         prior=prior,

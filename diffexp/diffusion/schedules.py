@@ -298,11 +298,14 @@ class Learned(Schedule):
         return (h + self.l3(torch.sigmoid(self.l2(h))))[..., 0]
 
     def log_snr(self, t: Tensor) -> Tensor:
-        """lambda(t) = lambda_max + (lambda_min - lambda_max) (g(t) - g(0)) / (g(1) - g(0))."""
-        g_ends = self._g(torch.tensor([0.0, 1.0], dtype=t.dtype, device=t.device))
-        frac = (self._g(t) - g_ends[0]) / (g_ends[1] - g_ends[0])
+        """lambda(t) = lambda_max (1 - f) + lambda_min f, f = (g(t) - g(0)) / (g(1) - g(0))."""
+        # g(0), g(1) and g(t) from one call, so that t = 0 and t = 1 give frac = 0 and 1 to the
+        # last bit (separate calls round differently in float32)
+        ends = torch.tensor([0.0, 1.0], dtype=t.dtype, device=t.device)
+        g = self._g(torch.cat([ends, t.reshape(-1)]))
+        frac = ((g[2:] - g[0]) / (g[1] - g[0])).reshape(t.shape)
         lmax, lmin = self.log_snr_max.to(t.dtype), self.log_snr_min.to(t.dtype)
-        return lmax + (lmin - lmax) * frac
+        return lmax * (1.0 - frac) + lmin * frac
 
     def interior_parameters(self) -> list[nn.Parameter]:
         """The parameters of the shape g (everything but the two endpoints)."""

@@ -9,9 +9,14 @@ Two comparisons, each of one-sample estimates of -ELBO (one time or step per exa
   model's endpoints. VDM: the bound is the same for all (invariance); its estimator's variance is
   not, which is what a learned schedule can minimize.
 
-Per estimator: the mean -ELBO (nats per example) with its standard error, and the standard
-deviation of the one-sample estimate over examples, times and noise (``std``), for the whole
--ELBO and for its diffusion part.
+Per estimator, from ``n_repeats`` passes over the same examples (one-sample estimates
+e[r, n]): the mean -ELBO (nats per example) and its standard error over examples
+(``nll_mean``, ``nll_se``); the standard deviation of a one-sample estimate over examples, times
+and noise (``nll_std``, what a training batch sees); the estimator's own noise for a fixed
+example, sqrt(mean_n Var_r e[r, n]) (``nll_noise_std``, n_repeats >= 2); and the paired
+difference to the first estimator of its group on the same examples (``nll_diff_mean`` +-
+``nll_diff_se``), which tests "the same bound" far more tightly than two unpaired means. The
+same for the diffusion (or consistency) part (``diffusion_*``).
 """
 
 from __future__ import annotations
@@ -32,25 +37,48 @@ Batches = Iterable[tuple[Tensor, Tensor | None]]
 Estimator = Callable[[Tensor, Tensor | None], ELBOTerms]
 
 
-def spread(values: Tensor) -> dict[str, float]:
-    """mean, standard error and standard deviation of per-example estimates."""
-    v = values.double()
-    std = v.std().item()
-    return {"mean": v.mean().item(), "se": std / math.sqrt(v.numel()), "std": std}
-
-
 @torch.no_grad()
-def estimator_stats(estimator: Estimator, batches: Batches, n_repeats: int) -> dict[str, float]:
-    """Spread of one estimator's -ELBO (``nll_*``) and diffusion part (``diffusion_*``)."""
+def estimates(estimator: Estimator, batches: Batches, n_repeats: int) -> tuple[Tensor, Tensor]:
+    """One-sample estimates [n_repeats, n_examples] of -ELBO and of its diffusion part."""
     nll, diffusion = [], []
-    for _ in range(n_repeats):
-        for x0, y in batches:
-            terms = estimator(x0, y)
-            nll.append(terms.nll.double().cpu())
-            diffusion.append(terms.diffusion.double().cpu())
-    out = {f"nll_{k}": v for k, v in spread(torch.cat(nll)).items()}
-    out.update({f"diffusion_{k}": v for k, v in spread(torch.cat(diffusion)).items()})
+    for _ in range(max(1, n_repeats)):
+        rows = [estimator(x0, y) for x0, y in batches]
+        nll.append(torch.cat([t.nll.double().cpu() for t in rows]))
+        diffusion.append(torch.cat([t.diffusion.double().cpu() for t in rows]))
+    return torch.stack(nll), torch.stack(diffusion)
+
+
+def spread(values: Tensor, reference: Tensor | None = None) -> dict[str, float]:
+    """mean, se, std, noise_std (and diff_mean, diff_se against ``reference``) of e[r, n]."""
+    per_example = values.mean(dim=0)
+    n = per_example.numel()
+    out = {
+        "mean": per_example.mean().item(),
+        "se": per_example.std().item() / math.sqrt(n),
+        "std": values.std().item(),
+    }
+    if values.shape[0] > 1:
+        out["noise_std"] = values.var(dim=0).mean().sqrt().item()
+    if reference is not None:
+        diff = per_example - reference.mean(dim=0)
+        out["diff_mean"] = diff.mean().item()
+        out["diff_se"] = diff.std().item() / math.sqrt(n)
     return out
+
+
+def compare_estimators(
+    estimators: dict[str, Estimator], batches: Batches, n_repeats: int
+) -> dict[str, dict[str, float]]:
+    """{name: stats}, each paired with the first estimator (same examples, own noise)."""
+    report, reference = {}, None
+    for name, estimator in estimators.items():
+        nll, diffusion = estimates(estimator, batches, n_repeats)
+        ref_nll, ref_diffusion = reference if reference is not None else (None, None)
+        stats = {f"nll_{k}": v for k, v in spread(nll, ref_nll).items()}
+        stats.update({f"diffusion_{k}": v for k, v in spread(diffusion, ref_diffusion).items()})
+        report[name] = stats
+        reference = reference if reference is not None else (nll, diffusion)
+    return report
 
 
 def forms_report(
@@ -81,8 +109,8 @@ def forms_report(
                 sample_middle=True,
             ),
         }
-        for name, estimator in forms.items():
-            report[f"T{T}/{name}"] = estimator_stats(estimator, batches, n_repeats)
+        for name, stats in compare_estimators(forms, batches, n_repeats).items():
+            report[f"T{T}/{name}"] = stats
     return report
 
 
@@ -108,17 +136,13 @@ def schedules_report(
 ) -> dict[str, dict[str, float]]:
     """{'<schedule>': stats} of the continuous-time ELBO under each schedule ('own': the
     model's)."""
-    report = {}
+    estimators: dict[str, Estimator] = {}
     for name in names:
         den = with_schedule(denoiser, name)
-        report[name] = estimator_stats(
-            lambda x, y, den=den: elbo_terms(
-                den, x, y, reconstruction_nll=reconstruction_nll, generator=generator
-            ),
-            batches,
-            n_repeats,
+        estimators[name] = lambda x, y, den=den: elbo_terms(
+            den, x, y, reconstruction_nll=reconstruction_nll, generator=generator
         )
-    return report
+    return compare_estimators(estimators, batches, n_repeats)
 
 
 def flatten(prefix: str, report: dict[str, dict[str, float]]) -> dict[str, float]:
