@@ -10,30 +10,33 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+
+
+def _run(module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m <module> <args>`` from the repository root, offline, one thread."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 @pytest.mark.slow
 def test_four_job_sweep_and_compare(tmp_path):
     sweep = tmp_path / "sweep"
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "diffexp.train",
-            "-m",
-            "parameterization=x0,eps",
-            "weighting=elbo,unit",
-            "debug=short",
-            "trainer.max_steps=30",
-            "data.n_train=2048",
-            f"hydra.sweep.dir={sweep}",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
+    proc = _run(
+        "diffexp.train",
+        "-m",
+        "parameterization=x0,eps",
+        "weighting=elbo,unit",
+        "debug=short",
+        "trainer.max_steps=30",
+        "data.n_train=2048",
+        f"hydra.sweep.dir={sweep}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
@@ -46,14 +49,7 @@ def test_four_job_sweep_and_compare(tmp_path):
         assert (job / "csv" / "metrics.csv").is_file() and (job / "summary.json").is_file()
     assert len(run_ids) == 4, "jobs of a sweep must not share a W&B run"
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "diffexp.compare", str(sweep), "--group-by", "parameterization"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _run("diffexp.compare", str(sweep), "--group-by", "parameterization")
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (sweep / "comparison.md").read_text().splitlines()
     assert len(table) == 2 + 4 and "parameterization" in table[0] and "weighting" in table[0]
@@ -69,27 +65,17 @@ def test_optuna_search_returns_the_best_trials_validation_elbo(tmp_path):
     import yaml
 
     sweep = tmp_path / "optuna"
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "diffexp.train",
-            "-m",
-            "hparams_search=optuna_lr_ema",
-            "hydra.sweeper.n_trials=3",
-            "hydra.sweeper.sampler.n_startup_trials=2",
-            "debug=short",
-            "trainer.max_steps=30",
-            "data.n_train=2048",
-            "logger=csv",
-            f"hydra.sweep.dir={sweep}",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
+    proc = _run(
+        "diffexp.train",
+        "-m",
+        "hparams_search=optuna_lr_ema",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.sampler.n_startup_trials=2",
+        "debug=short",
+        "trainer.max_steps=30",
+        "data.n_train=2048",
+        "logger=csv",
+        f"hydra.sweep.dir={sweep}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
