@@ -132,7 +132,7 @@ class DiffusionModule(pl.LightningModule):
             bad = [k for k, v in out.terms.items() if not torch.isfinite(v)]
             values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in out.terms.items())
             raise NonFiniteLossError(
-                f"non-finite training loss {float(loss)} at step {self.global_step} "
+                f"non-finite training loss {float(loss.detach())} at step {self.global_step} "
                 f"(epoch {self.current_epoch}, batch {batch_idx}); offending term(s): "
                 f"{bad or ['loss']}; terms: {values}. Lower model.optimizer.lr, check the data "
                 "for NaN/inf, or use a schedule whose log-SNR endpoints are finite."
