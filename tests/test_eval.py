@@ -112,3 +112,8 @@ def test_estimator_report_rejects_unknown_schedules(tmp_path):
     cfg = _cfg("eval", ["n_samples=0", "estimators.schedules=[learned]"], tmp_path)
     with pytest.raises(ValueError, match="valid: own, linear, cosine, log_linear"):
         evaluate(cfg)
+
+
+def test_steps_overrides_the_samplers_number_of_steps(tmp_path):
+    cfg = _cfg("eval", ["n_t=1", "n_samples=64", "sampler=ddim", "steps=7"], tmp_path)
+    assert evaluate(cfg)["nfe"] == 7  # DDIM: one network evaluation per step
