@@ -14,6 +14,8 @@ spend time between them (which, in continuous time, leaves the ELBO unchanged: V
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -255,6 +257,34 @@ class _MonotoneLinear(nn.Module):
         return x @ F.softplus(self.weight_raw).to(x.dtype).T + self.bias.to(x.dtype)
 
 
+class InteriorGradScale:
+    """Per-example factors [n] for the gradient reaching a learned schedule's interior: set
+    after the forward pass (``scale``), read in the backward pass."""
+
+    def __init__(self) -> None:
+        self.scale: Tensor | None = None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``holder.scale`` (per example)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, holder: InteriorGradScale) -> Tensor:
+        ctx.holder = holder
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        scale = ctx.holder.scale
+        if scale is None or scale.numel() != grad.numel():
+            raise RuntimeError(
+                "scaled_interior_gradient: set holder.scale to one factor per example "
+                f"({grad.numel()}) after the forward pass and before backward; got "
+                f"{None if scale is None else tuple(scale.shape)}"
+            )
+        return grad * scale.reshape(grad.shape).to(grad.dtype), None
+
+
 class Learned(Schedule):
     """VDM's learned schedule: lambda(t) = -gamma(t), gamma monotone with learnable endpoints.
 
@@ -287,6 +317,7 @@ class Learned(Schedule):
                 f"{', '.join(self.INTERIOR_OBJECTIVES)}"
             )
         self.interior_objective = interior_objective
+        self._grad_scale: InteriorGradScale | None = None
         self.log_snr_max = nn.Parameter(torch.tensor(float(log_snr_max)))
         self.log_snr_min = nn.Parameter(torch.tensor(float(log_snr_min)))
         self.l1 = _MonotoneLinear(1, 1)
@@ -297,15 +328,48 @@ class Learned(Schedule):
         h = self.l1(t[..., None])
         return (h + self.l3(torch.sigmoid(self.l2(h))))[..., 0]
 
-    def log_snr(self, t: Tensor) -> Tensor:
-        """lambda(t) = lambda_max (1 - f) + lambda_min f, f = (g(t) - g(0)) / (g(1) - g(0))."""
-        # g(0), g(1) and g(t) from one call, so that t = 0 and t = 1 give frac = 0 and 1 to the
+    def _frac(self, t: Tensor) -> Tensor:
+        """f(t) = (g(t) - g(0)) / (g(1) - g(0)), in [0, 1]."""
+        # g(0), g(1) and g(t) from one call, so that t = 0 and t = 1 give f = 0 and 1 to the
         # last bit (separate calls round differently in float32)
         ends = torch.tensor([0.0, 1.0], dtype=t.dtype, device=t.device)
         g = self._g(torch.cat([ends, t.reshape(-1)]))
-        frac = ((g[2:] - g[0]) / (g[1] - g[0])).reshape(t.shape)
+        return ((g[2:] - g[0]) / (g[1] - g[0])).reshape(t.shape)
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        """lambda(t) = lambda_max (1 - f) + lambda_min f, f = (g(t) - g(0)) / (g(1) - g(0))."""
         lmax, lmin = self.log_snr_max.to(t.dtype), self.log_snr_min.to(t.dtype)
+        frac = self._frac(t)
         return lmax * (1.0 - frac) + lmin * frac
+
+    def log_snr_and_derivative(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(lambda(t), (lambda_min - lambda_max) f'(t)), f' by autograd; inside
+        ``scaled_interior_gradient`` the gradient reaching the interior through f(t) and f'(t)
+        is multiplied per example by the factors set on the context's ``InteriorGradScale``."""
+        keep_graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        with torch.enable_grad():
+            t_ = t.detach().requires_grad_(True)
+            frac = self._frac(t_)
+            (dfrac,) = torch.autograd.grad(frac.sum(), t_, create_graph=keep_graph)
+        if not keep_graph:
+            frac, dfrac = frac.detach(), dfrac.detach()
+        elif self._grad_scale is not None:
+            frac = _ScaleGrad.apply(frac, self._grad_scale)
+            dfrac = _ScaleGrad.apply(dfrac, self._grad_scale)
+        lmax, lmin = self.log_snr_max.to(t.dtype), self.log_snr_min.to(t.dtype)
+        return lmax * (1.0 - frac) + lmin * frac, (lmin - lmax) * dfrac
+
+    @contextmanager
+    def scaled_interior_gradient(self) -> Iterator[InteriorGradScale]:
+        """Within: per-example factors on the interior's gradient, set on the yielded holder
+        after the forward pass and applied in the backward pass (VDM's variance objective:
+        factor 2 L_i turns d mean(L) into d mean(L^2) in the same backward pass)."""
+        holder = InteriorGradScale()
+        self._grad_scale = holder
+        try:
+            yield holder
+        finally:
+            self._grad_scale = None
 
     def interior_parameters(self) -> list[nn.Parameter]:
         """The parameters of the shape g (everything but the two endpoints)."""
