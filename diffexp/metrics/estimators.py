@@ -32,6 +32,7 @@ from diffexp.diffusion.consistency import consistency_terms
 from diffexp.diffusion.denoiser import Denoiser
 from diffexp.diffusion.elbo import ELBOTerms, elbo_terms
 from diffexp.diffusion.schedules import SCHEDULES, Learned
+from diffexp.utils import device_of
 
 Batches = Iterable[tuple[Tensor, Tensor | None]]
 Estimator = Callable[[Tensor, Tensor | None], ELBOTerms]
@@ -123,7 +124,7 @@ def with_schedule(denoiser: Denoiser, name: str) -> Denoiser:
         raise ValueError(f"unknown schedule {name!r} for estimators.schedules; valid: {valid}")
     log_snr_max, log_snr_min = denoiser.schedule.endpoints
     schedule = SCHEDULES[name](log_snr_max=log_snr_max, log_snr_min=log_snr_min)
-    return Denoiser(denoiser.network, denoiser.parameterization, schedule.to(_device(denoiser)))
+    return Denoiser(denoiser.network, denoiser.parameterization, schedule.to(device_of(denoiser)))
 
 
 def schedules_report(
@@ -148,9 +149,3 @@ def schedules_report(
 def flatten(prefix: str, report: dict[str, dict[str, float]]) -> dict[str, float]:
     """{'a': {'b': 1}} -> {'<prefix>/a/b': 1}, the keys of metrics.json."""
     return {f"{prefix}/{k}/{s}": v for k, stats in report.items() for s, v in stats.items()}
-
-
-def _device(module: torch.nn.Module) -> torch.device:
-    for p in list(module.parameters()) + list(module.buffers()):
-        return p.device
-    return torch.device("cpu")

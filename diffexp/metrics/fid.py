@@ -16,14 +16,9 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from diffexp.utils import device_of
+
 __all__ = ["FIDMetric", "extract_features", "fid_kid"]
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    """The device of the module's first parameter or buffer (CPU when it has none)."""
-    for t in (*module.parameters(), *module.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 def _name_of(extractor: nn.Module) -> str:
@@ -34,7 +29,7 @@ def _name_of(extractor: nn.Module) -> str:
 @torch.no_grad()
 def extract_features(images: Tensor, extractor: nn.Module, batch_size: int = 500) -> Tensor:
     """Features ``[N, F]`` of ``images [N, C, H, W]``, in batches, on the extractor's device."""
-    device = _device_of(extractor)
+    device = device_of(extractor)
     was_training = extractor.training
     extractor.eval()
     try:
@@ -160,7 +155,7 @@ class FIDMetric:
         # torchmetrics runs a dummy forward pass only for extractors without `num_features`
         size = tuple(real.shape[1:]) if real is not None else (3, 299, 299)
         self.metric = _FID(feature=extractor, reset_real_features=False, input_img_size=size)
-        self.metric.to(_device_of(extractor))
+        self.metric.to(device_of(extractor))
         if real is not None:
             self.set_real(real)
 
