@@ -113,31 +113,24 @@ def build_module(cfg: DictConfig, datamodule: Any) -> DiffusionModule:
     """The LightningModule for ``cfg`` on ``datamodule``."""
     model = cfg.model
     lr_scheduler = model.get("lr_scheduler")
-    weighting = instantiate(cfg.weighting)
-    if cfg.schedule.get("interior_objective") == "variance" and weighting.name != "elbo":
-        raise ConfigError(
-            f"schedule.interior_objective=variance minimizes the variance of the ELBO's "
-            f"diffusion term, but weighting={weighting.name} does not train on the ELBO; "
-            "use weighting=elbo (or schedule=learned for an interior trained on the loss)"
+    pieces = {
+        "p_uncond": build_guidance(cfg, datamodule).p_uncond,
+        "denoiser": build_denoiser(cfg, datamodule),
+        "weighting": instantiate(cfg.weighting),
+        "optimizer": instantiate(model.optimizer),
+        "lr_scheduler": instantiate(lr_scheduler) if lr_scheduler else None,
+        "reconstruction_nll": reconstruction_nll_of(datamodule),
+    }
+    try:
+        return DiffusionModule(
+            **pieces,
+            T=model.get("T", 0),
+            ema_decay=model.get("ema_decay"),
+            schedule_lr=model.get("schedule_lr"),
+            config=OmegaConf.to_container(cfg, resolve=True),
         )
-    if cfg.schedule.get("interior_objective") == "variance" and int(model.get("T", 0)) > 0:
-        raise ConfigError(
-            f"schedule.interior_objective=variance needs continuous time (model.T=0), got "
-            f"model.T={model.T}: a T-step model's ELBO depends on the schedule's interior, so "
-            "E[L^2] is not its variance; use schedule=learned for a T-step model"
-        )
-    return DiffusionModule(
-        p_uncond=build_guidance(cfg, datamodule).p_uncond,
-        denoiser=build_denoiser(cfg, datamodule),
-        weighting=weighting,
-        optimizer=instantiate(model.optimizer),
-        lr_scheduler=instantiate(lr_scheduler) if lr_scheduler else None,
-        T=model.get("T", 0),
-        ema_decay=model.get("ema_decay"),
-        schedule_lr=model.get("schedule_lr"),
-        reconstruction_nll=reconstruction_nll_of(datamodule),
-        config=OmegaConf.to_container(cfg, resolve=True),
-    )
+    except ValueError as err:  # the module refuses a combination of options
+        raise ConfigError(str(err)) from err
 
 
 def reconstruction_nll_of(datamodule: Any) -> Any:

@@ -64,6 +64,8 @@ class DiffusionModule(pl.LightningModule):
         self.reconstruction_nll = reconstruction_nll
         self.config = config or {}
         self.p_uncond = float(p_uncond)
+        if getattr(denoiser.schedule, "interior_objective", "elbo") == "variance":
+            check_variance_objective(weighting, self.T)
         self._noise_generator: torch.Generator | None = None
         self._pending_noise_state: Tensor | None = None
         self.ema: AveragedModel | None = None
@@ -155,16 +157,6 @@ class DiffusionModule(pl.LightningModule):
         E[L^2] is the variance plus a constant. The interior's gradient is in nats^2: global-norm
         gradient clipping would let it dominate the network's norm; clip per group or not at all.
         """
-        if self.T > 0:
-            raise ValueError(
-                "interior_objective=variance needs a continuous-time model (model.T=0): for a "
-                "T-step model the ELBO depends on the interior too"
-            )
-        if out.diffusion is None:
-            raise ValueError(
-                "interior_objective=variance trains on the ELBO's diffusion term; "
-                "use weighting=elbo"
-            )
         diffusion = out.diffusion.detach()
         if self._is_logging_step():
             self.log("train/diffusion_std", diffusion.std(), batch_size=len(diffusion))
@@ -216,6 +208,22 @@ class DiffusionModule(pl.LightningModule):
         if state is not None:
             self._pending_noise_state = state
             self._noise_generator = None
+
+
+def check_variance_objective(weighting: Weighting, T: int) -> None:
+    """VDM's variance objective needs the continuous-time ELBO: refuse anything else."""
+    if weighting.name != "elbo":
+        raise ValueError(
+            "schedule.interior_objective=variance minimizes the variance of the ELBO's "
+            f"diffusion term, but weighting={weighting.name} does not train on the ELBO; "
+            "use weighting=elbo (or schedule=learned for an interior trained on the loss)"
+        )
+    if T > 0:
+        raise ValueError(
+            f"schedule.interior_objective=variance needs continuous time (model.T=0), got "
+            f"model.T={T}: a T-step model's ELBO depends on the schedule's interior, so "
+            "E[L^2] is not its variance; use schedule=learned for a T-step model"
+        )
 
 
 def optimizers_with_schedule(
