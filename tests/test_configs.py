@@ -18,22 +18,18 @@ from diffexp.factory import (
     build_module,
     build_sampler,
 )
+from diffexp.utils import CHOICE_GROUPS
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = [
-    "data",
-    "schedule",
-    "parameterization",
-    "weighting",
-    "network",
-    "sampler",
-    "guidance",
+    *CHOICE_GROUPS,
     "trainer",
     "logger",
     "callbacks",
     "paths",
     "hydra",
     "experiment",
+    "hparams_search",
     "debug",
 ]
 
