@@ -7,6 +7,7 @@ example, bits/dim), the true log-likelihood when the data knows it, and sample m
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +50,19 @@ def split_loader(model: LoadedModel, split: str) -> Any:
     return dm.test_dataloader() if split == "test" else dm.val_dataloader()
 
 
+def split_batches(model: LoadedModel, cfg: DictConfig) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """The evaluated split's batches as (x0, y) on ``cfg.device`` (y None when unlabelled)."""
+    for batch in split_loader(model, cfg.split):
+        x0, y = split_batch(batch)
+        yield x0.to(cfg.device), (None if y is None else y.to(cfg.device))
+
+
 def elbo_report(model: LoadedModel, cfg: DictConfig) -> dict[str, Any]:
     """ELBO terms on the configured split, means and standard errors, nats and bits/dim."""
     dm = model.datamodule
-    loader = split_loader(model, cfg.split)
     gen = torch.Generator(device=cfg.device).manual_seed(int(cfg.seed))
     per_example: dict[str, list[Tensor]] = {}
-    for batch in loader:
-        x0, y = split_batch(batch)
-        x0 = x0.to(cfg.device)
-        y = None if y is None else y.to(cfg.device)
+    for x0, y in split_batches(model, cfg):
         terms = elbo_terms(
             model.denoiser,
             x0,
@@ -209,8 +213,8 @@ def ode_likelihood_report(model: LoadedModel, cfg: DictConfig) -> dict[str, Any]
     if n <= 0:
         return {}
     dm = model.datamodule
-    x0, y = split_batch(next(iter(split_loader(model, cfg.split))))
-    x0, y = x0[:n].to(cfg.device), (None if y is None else y[:n].to(cfg.device))
+    x0, y = next(split_batches(model, cfg))
+    x0, y = x0[:n], (None if y is None else y[:n])
     if not getattr(model.denoiser.network, "num_classes", 0):
         y = None
     gen = torch.Generator(device=cfg.device).manual_seed(int(cfg.seed) + 2)
@@ -244,10 +248,7 @@ def estimators_report(model: LoadedModel, cfg: DictConfig) -> dict[str, Any]:
     steps, names = list(est.get("forms_T") or []), list(est.get("schedules") or [])
     if not steps and not names:
         return {}
-    batches = []
-    for batch in split_loader(model, cfg.split):
-        x0, y = split_batch(batch)
-        batches.append((x0.to(cfg.device), None if y is None else y.to(cfg.device)))
+    batches = list(split_batches(model, cfg))
     gen = torch.Generator(device=cfg.device).manual_seed(int(cfg.seed) + 3)
     n_repeats = int(est.get("n_repeats", 1))
     args = (model.denoiser, batches)
@@ -275,14 +276,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(int(cfg.seed), verbose=False)
     out_dir = Path(cfg.paths.output_dir)
     model = load_model(cfg, device=cfg.device)
+    log_snr_max, log_snr_min = model.denoiser.schedule.endpoints
     metrics: dict[str, Any] = {
         "source": model.source,
         "split": cfg.split,
         "T": model.T,
         "n_t": int(cfg.n_t),
         "use_ema": bool(cfg.get("use_ema", True)),
-        "log_snr_max": model.denoiser.schedule.endpoints[0],
-        "log_snr_min": model.denoiser.schedule.endpoints[1],
+        "log_snr_max": log_snr_max,
+        "log_snr_min": log_snr_min,
         "convention": "nats per example; elbo_nats = -(reconstruction + prior + diffusion); "
         "bpd = -ELBO / (d ln 2) on the data as given (continuous data: a density, no "
         "dequantization)",
