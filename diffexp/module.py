@@ -129,12 +129,11 @@ class DiffusionModule(pl.LightningModule):
             holder.scale = self._variance_gradient_scale(out)
         else:
             out = self._loss(batch, self.denoiser, training=True)
-        loss = out.loss
-        if not torch.isfinite(loss):
+        if not torch.isfinite(out.loss):
             bad = [k for k, v in out.terms.items() if not torch.isfinite(v)]
             values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in out.terms.items())
             raise NonFiniteLossError(
-                f"non-finite training loss {float(loss.detach())} at step {self.global_step} "
+                f"non-finite training loss {float(out.loss.detach())} at step {self.global_step} "
                 f"(epoch {self.current_epoch}, batch {batch_idx}); offending term(s): "
                 f"{bad or ['loss']}; terms: {values}. Lower model.optimizer.lr, check the data "
                 "for NaN/inf, or use a schedule whose log-SNR endpoints are finite."
@@ -144,7 +143,7 @@ class DiffusionModule(pl.LightningModule):
             self.log("train/loss", out.loss, prog_bar=True, batch_size=n)
             for k, v in out.terms.items():
                 self.log(f"train/{k}", v, batch_size=n)
-        return loss
+        return out.loss
 
     def _variance_gradient_scale(self, out: LossOutput) -> Tensor:
         """VDM's variance objective for a learned schedule's interior: factors 2 L_i on the
