@@ -95,9 +95,9 @@ def consistency_term(
     schedule = denoiser.schedule
     x0 = x0.double()
     i = i.double()
-    lam = schedule.log_snr((i / T).to(torch.float64)).double()
-    lam_next = schedule.log_snr(((i + 1) / T).to(torch.float64)).double()
-    lam_prev_latent = schedule.log_snr(((i - 1).clamp_min(0) / T).to(torch.float64)).double()
+    lam = schedule.log_snr(i / T).double()
+    lam_next = schedule.log_snr((i + 1) / T).double()
+    lam_prev_latent = schedule.log_snr((i - 1).clamp_min(0) / T).double()
     lam_prev = torch.where(i > 0, lam_prev_latent, torch.full_like(lam, math.inf))
     z_prev = diffuse(x0, lam_prev, randn_like(x0, generator))
     alpha_pn, var_pn = transition(lam_prev, lam_next)
