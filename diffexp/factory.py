@@ -15,7 +15,13 @@ from diffexp.guidance import NoGuidance
 from diffexp.module import DiffusionModule
 
 # keys of a data config that describe the data for other parts (schedule endpoints, FID features)
-DATA_INFO_KEYS = ("log_snr_max", "log_snr_min", "fid_features", "fid_features_path")
+DATA_INFO_KEYS = (
+    "log_snr_max",
+    "log_snr_min",
+    "sigma_data",
+    "fid_features",
+    "fid_features_path",
+)
 
 
 # the data configs that carry labels (needed by guidance and by the noisy classifier)
@@ -117,6 +123,7 @@ def build_module(cfg: DictConfig, datamodule: Any) -> DiffusionModule:
         "p_uncond": build_guidance(cfg, datamodule).p_uncond,
         "denoiser": build_denoiser(cfg, datamodule),
         "weighting": instantiate(cfg.weighting),
+        "noise_sampling": instantiate(cfg.noise_sampling) if cfg.get("noise_sampling") else None,
         "optimizer": instantiate(model.optimizer),
         "lr_scheduler": instantiate(lr_scheduler) if lr_scheduler else None,
         "reconstruction_nll": reconstruction_nll_of(datamodule),

@@ -1,4 +1,5 @@
-"""Round trips between x0 / eps / score / v, their ELBO weights, and one ELBO from all four."""
+"""Round trips between every parameterization (x0 / eps / score / v / edm / flow), their ELBO
+weights, EDM and flow against their closed forms, and one ELBO from all of them."""
 
 from __future__ import annotations
 
@@ -86,20 +87,22 @@ def test_discrete_weights_match_the_table_of_math_section_4():
 
 
 class _Reparameterized(nn.Module):
-    """Wraps a denoiser so that its prediction is emitted in another parameterization."""
+    """Wraps a denoiser so that its prediction is emitted in another parameterization (which
+    may have scaled the network's input: undone first)."""
 
     def __init__(self, base: Denoiser, param):
         super().__init__()
         self.base, self.param = base, param
 
-    def forward(self, x_t, log_snr, y=None):
+    def forward(self, net_in, log_snr, y=None):
+        x_t = self.param.x_t_of_network_input(net_in, broadcast_like(log_snr, net_in))
         pred = self.base(x_t, y=y, log_snr=log_snr)
         return self.param.output_from(pred.x0_hat, pred.eps_hat, pred.log_snr)
 
 
 @pytest.mark.parametrize("T", [0, 20])
 @pytest.mark.parametrize("base_kind", ["mlp", "oracle"])
-def test_one_denoiser_gives_the_same_elbo_through_all_four_parameterizations(T, base_kind):
+def test_one_denoiser_gives_the_same_elbo_through_every_parameterization(T, base_kind):
     torch.manual_seed(0)
     schedule = S.Cosine(**ENDS)
     if base_kind == "mlp":
@@ -124,3 +127,54 @@ def test_broadcast_like():
     x = torch.zeros(4, 3, 8, 8)
     assert broadcast_like(torch.arange(4.0), x).shape == (4, 1, 1, 1)
     assert broadcast_like(torch.tensor(1.0), x).shape == (4, 1, 1, 1)
+
+
+def test_edm_with_unit_sigma_data_is_v_up_to_sign():
+    """MATH.md section 9: with sigma_d = 1, c_skip = a^2, c_out = s, c_in = 1, so F = -v."""
+    edm, v = get_parameterization("edm", sigma_data=1.0), get_parameterization("v")
+    x0, eps, lam, x_t = _batch(seed=3)
+    torch.testing.assert_close(
+        edm.target(x0, eps, lam), -v.target(x0, eps, lam), rtol=0, atol=1e-14
+    )
+    out = torch.randn_like(x_t)
+    for a, b in zip(edm.convert(-out, x_t, lam), v.convert(out, x_t, lam), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+    torch.testing.assert_close(edm.input_scale(lam), torch.ones_like(lam), rtol=0, atol=1e-15)
+    torch.testing.assert_close(
+        edm.log_x0_error_scale2(lam), v.log_x0_error_scale2(lam), rtol=0, atol=1e-13
+    )
+
+
+@pytest.mark.parametrize("sigma_data", [0.5, 1.418])
+def test_edm_coefficients_are_karras_in_the_variance_exploding_variable(sigma_data):
+    """D(x_ve) = c_skip x_ve + c_out F(c_in x_ve), x_ve = x_t / a, sigma = exp(-lambda / 2)."""
+    p = get_parameterization("edm", sigma_data=sigma_data)
+    _, _, lam, x_t = _batch(seed=4)
+    sigma, sd = torch.exp(-lam / 2), sigma_data
+    c_skip = sd**2 / (sigma**2 + sd**2)
+    c_out = sigma * sd / torch.sqrt(sigma**2 + sd**2)
+    c_in = 1 / torch.sqrt(sigma**2 + sd**2)
+    a = torch.sigmoid(lam).sqrt()
+    x_ve = x_t / a
+    out = torch.randn_like(x_t)
+    x0_hat, _ = p.convert(out, x_t, lam)
+    torch.testing.assert_close(x0_hat, c_skip * x_ve + c_out * out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(p.network_input(x_t, lam), c_in * x_ve, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(p.log_x0_error_scale2(lam), torch.log(c_out**2), rtol=1e-10, atol=0)
+
+
+def test_flow_is_the_rectified_flow_path():
+    """z = (1 - t) x0 + t eps = x_t / (a + s) with t = s / (a + s); u = eps - x0."""
+    p = get_parameterization("flow")
+    x0, eps, lam, x_t = _batch(seed=5)
+    a, s = a_s(lam)
+    t = s / (a + s)
+    torch.testing.assert_close(
+        p.network_input(x_t, lam), (1 - t) * x0 + t * eps, rtol=1e-10, atol=1e-10
+    )
+    torch.testing.assert_close(torch.exp(-lam / 2), t / (1 - t), rtol=1e-12, atol=0)
+    out = torch.randn_like(x_t)
+    x0_hat, eps_hat = p.convert(out, x_t, lam)
+    torch.testing.assert_close(
+        eps_hat - eps, (1 - t) * (out - p.target(x0, eps, lam)), rtol=1e-9, atol=1e-9
+    )

@@ -51,7 +51,11 @@ class DenoiserOutput:
 
 
 class Denoiser(nn.Module):
-    """network + parameterization + schedule -> x0_hat, eps_hat, score."""
+    """network + parameterization + schedule -> x0_hat, eps_hat, score.
+
+    The network is called on c_in x_t (the parameterization's input scaling, 1 for most) and the
+    log-SNR; the parameterization turns its output into x0_hat and eps_hat.
+    """
 
     def __init__(self, network: nn.Module, parameterization: Parameterization, schedule: Schedule):
         super().__init__()
@@ -69,12 +73,12 @@ class Denoiser(nn.Module):
     ) -> DenoiserOutput:
         """Estimates at time t (lambda = schedule(t)) or directly at ``log_snr``."""
         log_snr = resolve_log_snr(self.schedule, x_t, t, log_snr)
-        out = self.network(x_t, log_snr, y)
+        lam = broadcast_like(log_snr, x_t)
+        out = self.network(self.parameterization.network_input(x_t, lam), log_snr, y)
         if out.shape != x_t.shape:
             raise ValueError(
                 f"{type(self.network).__name__} returned shape {tuple(out.shape)} for input "
                 f"{tuple(x_t.shape)}; a denoising network must return the input's shape"
             )
-        lam = broadcast_like(log_snr, x_t)
         x0_hat, eps_hat = self.parameterization.convert(out, x_t, lam)
         return DenoiserOutput(x0_hat=x0_hat, eps_hat=eps_hat, out=out, log_snr=lam)

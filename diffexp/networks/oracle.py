@@ -18,6 +18,9 @@ from diffexp.diffusion.parameterizations import Parameterization
 class Oracle(nn.Module):
     """out = parameterization.output_from(E[x0 | x_t], -s grad log q(x_t)).
 
+    It is called like any network, on the parameterization's scaled input c_in x_t, and undoes
+    the scaling.
+
     Unconditional unless ``conditional``: then a label y selects its mixture component, and
     y = ``num_classes`` (the null token of classifier-free guidance) or None is unconditional.
     """
@@ -36,12 +39,15 @@ class Oracle(nn.Module):
         self.dim = mixture.dim
         self.register_buffer("_anchor", torch.zeros(()))  # carries device/dtype moves
 
-    def forward(self, x_t: Tensor, log_snr: Tensor, y: Tensor | None = None) -> Tensor:
-        """The exact target for x_t at log_snr (conditional on component y when given)."""
-        if x_t.dim() != 2 or x_t.shape[1] != self.dim:
-            raise ValueError(f"the oracle of a {self.dim}-D mixture got shape {tuple(x_t.shape)}")
-        mixture = self.mixture.to(dtype=x_t.dtype, device=x_t.device)
-        lam = broadcast_like(log_snr, x_t)
+    def forward(self, net_in: Tensor, log_snr: Tensor, y: Tensor | None = None) -> Tensor:
+        """The exact target for x_t = net_in / c_in at log_snr (conditional on component y)."""
+        if net_in.dim() != 2 or net_in.shape[1] != self.dim:
+            raise ValueError(
+                f"the oracle of a {self.dim}-D mixture got shape {tuple(net_in.shape)}"
+            )
+        mixture = self.mixture.to(dtype=net_in.dtype, device=net_in.device)
+        lam = broadcast_like(log_snr, net_in)
+        x_t = self.parameterization.x_t_of_network_input(net_in, lam)
         x0_hat = mixture.posterior_mean(x_t, lam[:, 0])
         score = mixture.score(x_t, lam[:, 0])
         if self.conditional and y is not None:
