@@ -14,7 +14,8 @@ ENDS = {"log_snr_max": 10.0, "log_snr_min": -8.0}
 
 
 def all_schedules():
-    return [S.Linear(**ENDS), S.Cosine(**ENDS), S.LogLinear(**ENDS), S.Learned(**ENDS).double()]
+    """One of each schedule in the registry, with the ring's endpoints (float64)."""
+    return [cls(**ENDS).double() for cls in S.SCHEDULES.values()]
 
 
 @pytest.mark.parametrize("schedule", all_schedules(), ids=lambda s: type(s).__name__)
@@ -44,6 +45,29 @@ def test_time_of_log_snr_inverts_the_schedule(schedule):
     lam = torch.linspace(9.5, -7.5, 20, dtype=T64)
     t = schedule.t_of_log_snr(lam)
     torch.testing.assert_close(schedule.log_snr(t).detach(), lam, rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("schedule", all_schedules(), ids=lambda s: type(s).__name__)
+def test_log_density_is_the_density_of_lambda_under_uniform_t(schedule):
+    """p(lambda) = 1 / |lambda'(t)| integrates to 1 over the range; P(lambda > l) = t(l)."""
+    lam = torch.linspace(10.0, -8.0, 4001, dtype=T64)
+    p = schedule.log_density(lam).detach().exp()
+    mass = torch.trapezoid(p, -lam)
+    assert mass.item() == pytest.approx(1.0, abs=1e-4)  # the trapezoid rule's error at this grid
+    upper = torch.cumulative_trapezoid(p, -lam)  # P(lambda in [l, 10]) = t(l)
+    t = schedule.t_of_log_snr(lam[1:])
+    torch.testing.assert_close(upper, t, rtol=0, atol=1e-4)
+
+
+def test_rectified_flow_is_the_straight_path():
+    """lambda = 2 log((1 - u) / u): a = (1 - u) r, s = u r with r = 1 / sqrt((1 - u)^2 + u^2)."""
+    sched = S.RectifiedFlow(**ENDS)
+    t = torch.linspace(0, 1, 101, dtype=T64)
+    u0, u1 = torch.sigmoid(torch.tensor([-5.0, 4.0], dtype=T64))  # t_rf at lambda = 10 and -8
+    u = u0 + (u1 - u0) * t
+    r = 1 / torch.sqrt((1 - u) ** 2 + u**2)
+    torch.testing.assert_close(sched.a(t), (1 - u) * r, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sched.s(t), u * r, rtol=1e-12, atol=1e-12)
 
 
 def test_linear_is_ddpm_closed_form():

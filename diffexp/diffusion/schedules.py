@@ -73,6 +73,12 @@ class Schedule(nn.Module):
         """d lambda / dt."""
         return self.log_snr_and_derivative(t)[1]
 
+    def log_density(self, log_snr: Tensor) -> Tensor:
+        """log p(lambda) = -log|d lambda/dt| at t(lambda): the density of lambda(t), t ~ U(0, 1)."""
+        with torch.no_grad():
+            t = self.t_of_log_snr(log_snr)
+        return -torch.log(-self.dlog_snr_dt(t))
+
     def discretize(self, T: int, dtype: torch.dtype = torch.float32) -> Tensor:
         """lambda(t_i) on the grid t_i = i / T, i = 0..T (shape [T + 1])."""
         t = torch.linspace(0.0, 1.0, T + 1, dtype=dtype, device=self._device())
@@ -243,6 +249,29 @@ class LogLinear(_TruncatedSchedule):
         return self.log_snr(t), torch.full_like(t, self._lmin - self._lmax)
 
 
+class RectifiedFlow(_TruncatedSchedule):
+    """The rectified-flow path z = (1 - u) x0 + u eps as a VP schedule: lambda = 2 log((1 - u) / u).
+
+    (a = (1 - u) r, s = u r, r = 1 / sqrt((1 - u)^2 + u^2), so z = x_t / (a + s); MATH.md
+    section 9.) Truncated to [log_snr_min, log_snr_max] like the other shapes, u in [u0, u1].
+    """
+
+    def __init__(self, log_snr_max: float = 10.0, log_snr_min: float = -8.0) -> None:
+        super().__init__(log_snr_max, log_snr_min)
+
+    def _raw_log_snr(self, u: Tensor) -> Tensor:
+        return 2.0 * (torch.log1p(-u) - torch.log(u))
+
+    def _raw_t_of_log_snr(self, log_snr: Tensor) -> Tensor:
+        return torch.sigmoid(-0.5 * log_snr)
+
+    def log_snr_and_derivative(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(lambda(t), -2 (u1 - u0) / (u (1 - u))), u = u0 + (u1 - u0) t, in closed form."""
+        u0, u1 = self.u_range.to(t.dtype)
+        u = u0 + (u1 - u0) * t
+        return self._raw_log_snr(u), -2.0 * (u1 - u0) / (u * (1.0 - u))
+
+
 class _MonotoneLinear(nn.Module):
     """y = x W^T + b with W = softplus(W_raw) > 0, so y is increasing in every input."""
 
@@ -379,4 +408,10 @@ class Learned(Schedule):
         return f"interior_objective={self.interior_objective!r}"
 
 
-SCHEDULES = {"linear": Linear, "cosine": Cosine, "log_linear": LogLinear, "learned": Learned}
+SCHEDULES = {
+    "linear": Linear,
+    "cosine": Cosine,
+    "log_linear": LogLinear,
+    "rectified_flow": RectifiedFlow,
+    "learned": Learned,
+}
