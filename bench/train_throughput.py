@@ -91,7 +91,7 @@ def plain_steps_per_second(cfg, steps: int, warmup: int) -> float:
             perm = torch.randperm(x_train.shape[0])
         idx = perm[i * batch : (i + 1) * batch]
         x0, y = x_train[idx], (None if y_train is None else y_train[idx])
-        out = module.weighting(
+        out = module.objective(
             module.denoiser, x0, y, T=module.T, reconstruction_nll=module.reconstruction_nll
         )
         optimizer.zero_grad(set_to_none=True)

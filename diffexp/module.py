@@ -1,7 +1,10 @@
-"""One LightningModule for every objective: it trains a Denoiser on the configured weighting.
+"""One LightningModule for every objective: it trains a Denoiser on a weighted ELBO.
 
-Training samples t (low-discrepancy), noises the batch and minimizes the weighting's loss. The
-true ELBO is reported by the ``ELBOMonitor`` callback on validation, whatever the objective.
+An objective is a weighting w(lambda), a density p(lambda) of training noise levels and the
+Denoiser's parameterization (MATH.md section 9), composed by ``diffusion.loss.WeightedLoss``:
+training draws lambda ~ p (low-discrepancy), noises the batch and minimizes 1/2 (w / p)
+||eps_hat - eps||^2. The true ELBO is reported by the ``ELBOMonitor`` callback on validation,
+whatever the objective.
 EMA weights (``torch.optim.swa_utils.AveragedModel``) are what is evaluated and sampled.
 """
 
@@ -18,8 +21,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from diffexp.diffusion.denoiser import Denoiser
 from diffexp.diffusion.elbo import ReconstructionNLL, gaussian_reconstruction_nll
-from diffexp.diffusion.schedules import Schedule
-from diffexp.diffusion.weighting import LossOutput, Weighting
+from diffexp.diffusion.loss import LossOutput, WeightedLoss
+from diffexp.diffusion.noise_sampling import NoiseSampling, ScheduleTimes
+from diffexp.diffusion.schedules import Learned, Schedule
+from diffexp.diffusion.weighting import Weighting
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -34,7 +39,8 @@ def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
 
 
 class DiffusionModule(pl.LightningModule):
-    """Trains ``denoiser`` on ``weighting``; T = 0 is continuous time, T > 0 a T-step model.
+    """Trains ``denoiser`` on ``weighting`` with noise levels from ``noise_sampling`` (default:
+    the schedule's t ~ U(0, 1)); T = 0 is continuous time, T > 0 a T-step model.
 
     With ``p_uncond`` > 0 (classifier-free guidance) labels are dropped to the null token in
     training; validation conditions on the true labels (a conditional network's ELBO of
@@ -53,10 +59,12 @@ class DiffusionModule(pl.LightningModule):
         reconstruction_nll: ReconstructionNLL = gaussian_reconstruction_nll,
         config: dict | None = None,
         p_uncond: float = 0.0,
+        noise_sampling: NoiseSampling | None = None,
     ) -> None:
         super().__init__()
         self.denoiser = denoiser
         self.weighting = weighting
+        self.objective = WeightedLoss(weighting, noise_sampling)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.T = int(T)
@@ -64,8 +72,7 @@ class DiffusionModule(pl.LightningModule):
         self.reconstruction_nll = reconstruction_nll
         self.config = config or {}
         self.p_uncond = float(p_uncond)
-        if getattr(denoiser.schedule, "interior_objective", "elbo") == "variance":
-            check_variance_objective(weighting, self.T)
+        check_objective(self.objective, denoiser.schedule, self.T)
         self._noise_generator: torch.Generator | None = None
         self._pending_noise_state: Tensor | None = None
         self.ema: AveragedModel | None = None
@@ -112,7 +119,7 @@ class DiffusionModule(pl.LightningModule):
         if y is not None and training and self.p_uncond > 0:
             y = self.drop_labels(y)
         gen = self.noise_generator if training else None
-        return self.weighting(
+        return self.objective(
             denoiser, x0, y, T=self.T, reconstruction_nll=self.reconstruction_nll, generator=gen
         )
 
@@ -207,6 +214,26 @@ class DiffusionModule(pl.LightningModule):
         if state is not None:
             self._pending_noise_state = state
             self._noise_generator = None
+
+
+def check_objective(objective: WeightedLoss, schedule: Schedule, T: int) -> None:
+    """Refuse the combinations of weighting, noise sampling, schedule and T that cannot work."""
+    sampling = objective.noise_sampling
+    if not isinstance(sampling, ScheduleTimes):
+        if T > 0:
+            raise ValueError(
+                f"noise_sampling={sampling.name} draws continuous noise levels, but model.T={T} "
+                "is a T-step model that trains on its own steps; use noise_sampling=schedule "
+                "with model.T>0, or model.T=0 (continuous time) with any noise_sampling"
+            )
+        if isinstance(schedule, Learned):
+            raise ValueError(
+                f"a learned schedule trains its shape through p(lambda) of t ~ U(0, 1), but "
+                f"noise_sampling={sampling.name} draws lambda without it; use "
+                "noise_sampling=schedule with schedule=learned, or a fixed schedule"
+            )
+    if getattr(schedule, "interior_objective", "elbo") == "variance":
+        check_variance_objective(objective.weighting, T)
 
 
 def check_variance_objective(weighting: Weighting, T: int) -> None:

@@ -23,6 +23,7 @@ CHOICE_GROUPS = (
     "schedule",
     "parameterization",
     "weighting",
+    "noise_sampling",
     "network",
     "sampler",
     "guidance",

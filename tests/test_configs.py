@@ -59,7 +59,7 @@ def test_every_option_of_every_group_composes(group, option):
         overrides.append("network=unet_small")
     cfg = _compose(overrides)
     assert cfg is not None
-    if group in ("schedule", "parameterization", "weighting", "sampler"):
+    if group in ("schedule", "parameterization", "weighting", "noise_sampling", "sampler"):
         assert instantiate(cfg[group]) is not None
     if group == "data":
         dm = build_datamodule(cfg.data)

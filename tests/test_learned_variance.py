@@ -57,7 +57,7 @@ def test_training_step_gives_the_interior_the_gradient_of_the_mean_squared_loss(
     interior = schedule.interior_parameters()
     others = [schedule.log_snr_max, schedule.log_snr_min, *network.parameters()]
     # the reference: the same noise, plain autograd on the two objectives
-    out = module.weighting(module.denoiser, x, generator=torch.Generator().manual_seed(0))
+    out = module.objective(module.denoiser, x, generator=torch.Generator().manual_seed(0))
     want_interior = torch.autograd.grad(
         (out.diffusion**2).mean(), interior, retain_graph=True, allow_unused=True
     )
@@ -76,7 +76,7 @@ def test_training_step_gives_the_interior_the_gradient_of_the_mean_squared_loss(
 def test_a_missing_scale_is_a_clear_error():
     module = _module()
     with module.schedule.scaled_interior_gradient():
-        out = module.weighting(module.denoiser, _data(8, 0))
+        out = module.objective(module.denoiser, _data(8, 0))
     with pytest.raises(RuntimeError, match="set holder.scale to one factor per example"):
         out.loss.backward()
 

@@ -23,6 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diffexp.diffusion.denoiser import Denoiser, broadcast_like
+from diffexp.diffusion.noise_sampling import ScheduleTimes, stratified_times
+
+SCHEDULE_TIMES = ScheduleTimes()
 
 
 def diffuse(x0: Tensor, log_snr: Tensor, eps: Tensor) -> Tensor:
@@ -88,15 +91,6 @@ def gaussian_reconstruction_nll(x0: Tensor, x0_hat: Tensor, log_snr_0: Tensor) -
     return 0.5 * sum_except_batch(per_dim.expand_as(x0))
 
 
-def stratified_times(
-    n: int, k: int = 1, generator: torch.Generator | None = None, device=None, dtype=None
-) -> Tensor:
-    """t[i, j] = (u + (i + j n) / (n k)) mod 1: one uniform u, stratified per example and batch."""
-    u = torch.rand((), generator=generator, device=device, dtype=dtype or torch.float32)
-    idx = torch.arange(n * k, device=device, dtype=u.dtype).reshape(k, n).T
-    return torch.remainder(u + idx / (n * k), 1.0)
-
-
 @dataclass
 class ELBOTerms:
     """Per-example terms in nats; ``diffusion_parts`` [n, K] sum to ``diffusion``."""
@@ -133,9 +127,24 @@ class ELBOTerms:
 ReconstructionNLL = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
-def weighted_target_error(out: Tensor, target: Tensor, log_weight: Tensor) -> Tensor:
-    """exp(log_weight) * ||target - out||^2 per example, log_weight per example."""
-    return torch.exp(log_weight) * sum_except_batch((target - out) ** 2)
+def weighted_denoising_error(
+    denoiser: Denoiser,
+    x0: Tensor,
+    log_snr: Tensor,
+    log_x0_weight: Tensor,
+    y: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """exp(log_x0_weight) ||x0 - x0_hat(x_t)||^2 = exp(log_x0_weight) c^2 ||target - out||^2 per
+    example at x_t = a x0 + s eps, eps ~ N(0, I) -> (that [n], ||target - out||^2 [n])."""
+    param = denoiser.parameterization
+    eps = randn_like(x0, generator)
+    x_t = diffuse(x0, log_snr, eps)
+    pred = denoiser(x_t, y=y, log_snr=log_snr)
+    log_w = log_x0_weight + param.log_x0_error_scale2(log_snr)
+    target = param.target(x0, eps, broadcast_like(log_snr, x0))
+    squared = sum_except_batch((target - pred.out) ** 2)
+    return torch.exp(log_w) * squared, squared
 
 
 def denoising_matching(
@@ -151,22 +160,32 @@ def denoising_matching(
     Continuous (T = 0): 1/2 (-lambda'(t)) SNR(t) c^2 ||target - out||^2.
     Discrete: t is mapped to the step i = ceil(t T), and the estimate is
     T * 1/2 (SNR(t_{i-1}) - SNR(t_i)) c^2 ||target - out||^2.
+    Both are the weighted loss of ``loss.py`` with w = 1 and the schedule's p(lambda):
+    1/2 (1 / p(lambda)) SNR ||x0 - x0_hat||^2.
     """
-    schedule, param = denoiser.schedule, denoiser.parameterization
-    if T > 0:
-        i = torch.clamp(torch.ceil(t * T), 1, T)
-        lam_t = schedule.log_snr(i / T)
-        lam_s = schedule.log_snr((i - 1) / T)
-        log_w = torch.log(0.5 * T * torch.expm1(lam_s - lam_t)) + lam_t
-    else:
-        lam_t, dlam = schedule.log_snr_and_derivative(t)
-        log_w = torch.log(-0.5 * dlam) + lam_t
-    eps = randn_like(x0, generator)
-    x_t = diffuse(x0, lam_t, eps)
-    pred = denoiser(x_t, y=y, log_snr=lam_t)
-    log_w = log_w + param.log_x0_error_scale2(lam_t)
-    target = param.target(x0, eps, broadcast_like(lam_t, x0))
-    return weighted_target_error(pred.out, target, log_w), lam_t
+    levels = SCHEDULE_TIMES.from_uniform(denoiser.schedule, t, T)
+    lam = levels.log_snr
+    log_w = torch.log(0.5 * levels.inv_density) + lam
+    return weighted_denoising_error(denoiser, x0, lam, log_w, y, generator)[0], lam
+
+
+def endpoint_terms(
+    denoiser: Denoiser,
+    x0: Tensor,
+    y: Tensor | None = None,
+    n_rec: int = 1,
+    reconstruction_nll: ReconstructionNLL = gaussian_reconstruction_nll,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(reconstruction, prior) per example: -log p(x0 | x_{t0}) averaged over n_rec noise draws,
+    and KL(q(x_1 | x0) || N(0, I)) in closed form."""
+    ends = torch.tensor([0.0, 1.0], device=x0.device, dtype=x0.dtype)
+    lam_0, lam_1 = denoiser.schedule.log_snr(ends)
+    rec = torch.zeros(x0.shape[0], device=x0.device, dtype=x0.dtype)
+    for _ in range(n_rec):
+        x_t0 = diffuse(x0, lam_0, randn_like(x0, generator))
+        rec = rec + reconstruction_nll(x0, denoiser(x_t0, y=y, log_snr=lam_0).x0_hat, lam_0) / n_rec
+    return rec, prior_kl(x0, lam_1)
 
 
 def elbo_terms(
@@ -187,16 +206,9 @@ def elbo_terms(
 
     ``exact`` (discrete T only) sums the diffusion term over all T steps: the "ELBO loop".
     """
-    n, schedule = x0.shape[0], denoiser.schedule
-    ends = torch.tensor([0.0, 1.0], device=x0.device, dtype=x0.dtype)
-    lam_0, lam_1 = schedule.log_snr(ends)
-
+    n = x0.shape[0]
     n_rec = max(1, n_t)  # the reconstruction term averaged over n_t noise draws
-    rec = torch.zeros(n, device=x0.device, dtype=x0.dtype)
-    for _ in range(n_rec):
-        x_t0 = diffuse(x0, lam_0, randn_like(x0, generator))
-        rec = rec + reconstruction_nll(x0, denoiser(x_t0, y=y, log_snr=lam_0).x0_hat, lam_0) / n_rec
-    prior = prior_kl(x0, lam_1)
+    rec, prior = endpoint_terms(denoiser, x0, y, n_rec, reconstruction_nll, generator)
 
     if exact:
         if T <= 0:

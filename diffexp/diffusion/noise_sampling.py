@@ -1,0 +1,170 @@
+"""p(lambda): the density of training noise levels (MATH.md section 9).
+
+The loss is 1/2 E_{lambda ~ p}[(w(lambda) / p(lambda)) ||eps_hat - eps||^2], so p(lambda) only
+importance-samples the integral 1/2 int w(lambda) E||eps_hat - eps||^2 dlambda over the schedule's
+range [lambda(1), lambda(0)]: it changes the estimator's variance, never its expectation.
+
+Every sampler draws by inverse CDF from one stratified uniform per example (one offset per batch,
+then stride 1/n, as the ELBO's times), and returns 1/p(lambda) with each lambda:
+- ``ScheduleTimes``: t ~ U(0, 1), lambda = schedule(t), 1/p = -d lambda/dt (the default; for a
+  T-step model t is mapped to its step i = ceil(t T) and 1/p to T expm1(lambda_{i-1} - lambda_i),
+  the discrete ELBO's weight). Differentiable in a learned schedule's parameters.
+- ``LogNormal``: EDM's ln sigma ~ N(P_mean, P_std^2), i.e. lambda = -2 ln sigma ~ N(-2 P_mean,
+  (2 P_std)^2), truncated to the schedule's range.
+- ``LogitNormal``: SD3's rectified-flow time t_rf = sigmoid(n), n ~ N(m, s^2); since
+  lambda = 2 log((1 - t_rf) / t_rf) = -2 n, lambda ~ N(-2 m, (2 s)^2), truncated likewise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from diffexp.diffusion.schedules import Schedule
+
+
+def stratified_times(
+    n: int, k: int = 1, generator: torch.Generator | None = None, device=None, dtype=None
+) -> Tensor:
+    """t[i, j] = (u + (i + j n) / (n k)) mod 1: one uniform u, stratified per example and batch."""
+    u = torch.rand((), generator=generator, device=device, dtype=dtype or torch.float32)
+    idx = torch.arange(n * k, device=device, dtype=u.dtype).reshape(k, n).T
+    return torch.remainder(u + idx / (n * k), 1.0)
+
+
+@dataclass
+class NoiseLevels:
+    """Drawn log-SNRs [n] and the inverse of their density, 1 / p(lambda) [n]."""
+
+    log_snr: Tensor
+    inv_density: Tensor
+
+
+class NoiseSampling:
+    """Base class: a density p(lambda) on the schedule's range, sampled by inverse CDF."""
+
+    name: str = ""
+
+    def draw(
+        self,
+        schedule: Schedule,
+        n: int,
+        T: int = 0,
+        generator: torch.Generator | None = None,
+        like: Tensor | None = None,
+    ) -> NoiseLevels:
+        """n noise levels from n stratified uniforms (``like``: device and dtype)."""
+        like = like if like is not None else torch.zeros(())
+        u = stratified_times(n, 1, generator, device=like.device, dtype=like.dtype)[:, 0]
+        return self.from_uniform(schedule, u, T)
+
+    def from_uniform(self, schedule: Schedule, u: Tensor, T: int = 0) -> NoiseLevels:
+        """lambda = F^-1(u) and 1/p(lambda) for uniforms u [n]."""
+        raise NotImplementedError
+
+    def log_density(self, schedule: Schedule, log_snr: Tensor) -> Tensor:
+        """log p(lambda) on the schedule's range."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class ScheduleTimes(NoiseSampling):
+    """t ~ U(0, 1), lambda = schedule(t): p(lambda) = 1 / |d lambda / dt| (VDM's sampling)."""
+
+    name = "schedule"
+
+    def from_uniform(self, schedule: Schedule, u: Tensor, T: int = 0) -> NoiseLevels:
+        """lambda = schedule(t), 1/p = -lambda'(t); for T > 0, t -> ceil(t T) / T and
+        1/p = T expm1(lambda_{i-1} - lambda_i)."""
+        if T > 0:
+            i = torch.clamp(torch.ceil(u * T), 1, T)
+            lam_t = schedule.log_snr(i / T)
+            lam_s = schedule.log_snr((i - 1) / T)
+            return NoiseLevels(lam_t, T * torch.expm1(lam_s - lam_t))
+        lam, dlam = schedule.log_snr_and_derivative(u)
+        return NoiseLevels(lam, -dlam)
+
+    def log_density(self, schedule: Schedule, log_snr: Tensor) -> Tensor:
+        """log p(lambda) = -log|lambda'(t(lambda))|."""
+        return schedule.log_density(log_snr)
+
+
+class TruncatedNormalLogSNR(NoiseSampling):
+    """lambda ~ N(mean, std^2) truncated to the schedule's range [lambda(1), lambda(0)]."""
+
+    mean: float = 0.0
+    std: float = 1.0
+
+    def _bounds(self, schedule: Schedule) -> tuple[float, float, float]:
+        """(Phi(a), Phi(b), log Z) of the standardized range, Z = Phi(b) - Phi(a)."""
+        lam_0, lam_1 = schedule.endpoints
+        lo = torch.tensor((lam_1 - self.mean) / self.std, dtype=torch.float64)
+        hi = torch.tensor((lam_0 - self.mean) / self.std, dtype=torch.float64)
+        c_lo, c_hi = torch.special.ndtr(lo), torch.special.ndtr(hi)
+        return float(c_lo), float(c_hi), math.log(float(c_hi - c_lo))
+
+    def from_uniform(self, schedule: Schedule, u: Tensor, T: int = 0) -> NoiseLevels:
+        """lambda = mean + std Phi^-1(Phi(a) + u Z), 1/p = Z / N(lambda; mean, std^2)."""
+        if T > 0:
+            raise ValueError(
+                f"noise_sampling={self.name} draws continuous noise levels; a T-step model "
+                f"(model.T={T}) trains on its own steps: use noise_sampling=schedule"
+            )
+        c_lo, c_hi, log_z = self._bounds(schedule)
+        q = c_lo + u.to(torch.float64) * (c_hi - c_lo)
+        lam = self.mean + self.std * torch.special.ndtri(q)
+        inv_p = torch.exp(log_z - self._log_normal(lam))
+        return NoiseLevels(lam.to(u.dtype), inv_p.to(u.dtype))
+
+    def _log_normal(self, log_snr: Tensor) -> Tensor:
+        """log N(lambda; mean, std^2)."""
+        z = (log_snr - self.mean) / self.std
+        return -0.5 * z**2 - math.log(self.std) - 0.5 * math.log(2 * math.pi)
+
+    def log_density(self, schedule: Schedule, log_snr: Tensor) -> Tensor:
+        """log N(lambda; mean, std^2) - log Z."""
+        return self._log_normal(log_snr) - self._bounds(schedule)[2]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(lambda ~ N({self.mean:g}, {self.std:g}^2))"
+
+
+class LogNormal(TruncatedNormalLogSNR):
+    """EDM: ln sigma ~ N(P_mean, P_std^2) with sigma = exp(-lambda / 2).
+
+    So lambda ~ N(-2 P_mean, (2 P_std)^2), truncated to the schedule's range.
+    """
+
+    name = "lognormal"
+
+    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2) -> None:  # noqa: N803
+        if not P_std > 0:
+            raise ValueError(f"noise_sampling.P_std must be > 0, got {P_std}")
+        self.P_mean, self.P_std = float(P_mean), float(P_std)
+        self.mean, self.std = -2.0 * self.P_mean, 2.0 * self.P_std
+
+    def __repr__(self) -> str:
+        return f"LogNormal(P_mean={self.P_mean:g}, P_std={self.P_std:g})"
+
+
+class LogitNormal(TruncatedNormalLogSNR):
+    """SD3: rectified-flow time t_rf = sigmoid(n), n ~ N(m, s^2): lambda = -2 n ~ N(-2 m, 4 s^2)."""
+
+    name = "logit_normal"
+
+    def __init__(self, m: float = 0.0, s: float = 1.0) -> None:
+        if not s > 0:
+            raise ValueError(f"noise_sampling.s must be > 0, got {s}")
+        self.m, self.s = float(m), float(s)
+        self.mean, self.std = -2.0 * self.m, 2.0 * self.s
+
+    def __repr__(self) -> str:
+        return f"LogitNormal(m={self.m:g}, s={self.s:g})"
+
+
+NOISE_SAMPLINGS = {c.name: c for c in (ScheduleTimes, LogNormal, LogitNormal)}
