@@ -13,10 +13,12 @@ from torch import nn
 
 from diffexp.data.mixtures import make_mixture
 from diffexp.diffusion import schedules as S
+from diffexp.diffusion.parameterizations import PARAMETERIZATIONS
 from diffexp.diffusion.samplers import (
     DDIM,
     Ancestral,
     AnnealedLangevin,
+    FlowEuler,
     PredictorCorrector,
     ProbabilityFlowODE,
     ReverseSDE,
@@ -120,6 +122,19 @@ def test_every_sampler_with_enough_steps_reproduces_the_ring(name, den, ring):
     assert abs(gap) < 0.05, gap
 
 
+@pytest.mark.parametrize("param,schedule", [("flow", "rectified_flow"), ("eps", "cosine")])
+@pytest.mark.parametrize("grid", ["uniform", "log_snr", "karras"])
+def test_euler_on_the_flow_ode_is_ddim_with_eta_0(param, schedule, grid):
+    """z' = z + (t' - t) u_hat in z = x_t / (a + s) is x_s = a_s x0_hat + s_s eps_hat (MATH 9)."""
+    den = oracle_denoiser("ring8", param, S.SCHEDULES[schedule](**ENDS).double())
+    f64 = torch.float64
+    for final in (True, LAST):
+        a = FlowEuler(12, grid, final).sample(den, (500, 2), generator=_gen(3), dtype=f64)
+        b = DDIM(12, 0.0, grid, final).sample(den, (500, 2), generator=_gen(3), dtype=f64)
+        assert a.nfe == b.nfe
+        torch.testing.assert_close(a.x, b.x, rtol=1e-10, atol=1e-10)
+
+
 def test_reverse_sde_on_a_cosine_schedule_uses_its_derivative(ring):
     den = oracle_denoiser("ring8", "eps", S.Cosine(**ENDS)).float()
     result = ReverseSDE(500, "uniform", True).sample(den, (N, 2), generator=_gen(0))
@@ -191,6 +206,8 @@ NFE_CASES = [
     Ancestral(final_denoise=False),
     DDIM(eta=0.0),
     DDIM(eta=0.3, time_grid="karras", final_denoise=LAST),
+    FlowEuler(),
+    FlowEuler(time_grid="log_snr", final_denoise=LAST),
     ReverseSDE(final_denoise=False),
     ReverseSDE(final_denoise=LAST),
     ProbabilityFlowODE(solver="heun"),
@@ -297,3 +314,16 @@ def test_deterministic_given_the_generator():
     a = Ancestral(steps=20).sample(den, (100, 1), generator=torch.Generator().manual_seed(3)).x
     b = Ancestral(steps=20).sample(den, (100, 1), generator=torch.Generator().manual_seed(3)).x
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sampler", NFE_CASES, ids=repr)
+def test_every_sampler_samples_every_parameterization_of_one_denoiser_alike(sampler):
+    """x0, eps, score, v, edm and flow are one denoiser in other coordinates: with the same noise,
+    every sampler draws the same samples from the oracle in each (float64)."""
+    sampler.steps = 6
+    f64, results = torch.float64, {}
+    for name in sorted(PARAMETERIZATIONS):
+        den = oracle_denoiser("ring8", name, S.Cosine(**ENDS).double())
+        results[name] = sampler.sample(den, (64, 2), generator=_gen(2), dtype=f64).x
+    for name, x in results.items():
+        torch.testing.assert_close(x, results["eps"], rtol=1e-7, atol=1e-7, msg=name)

@@ -14,6 +14,7 @@ wrapper that calls its network twice per call still counts one.
 
 - ``Ancestral``: x_s ~ q(x_s | x_t, x0 = x0_hat).
 - ``DDIM``: x_s = a_s x0_hat + sqrt(s_s^2 - c^2) eps_hat + c z (eta = 1: ancestral; 0: an ODE).
+- ``FlowEuler``: Euler on the rectified-flow ODE in z = x_t / (a + s) (equals DDIM with eta = 0).
 - ``ReverseSDE``: Euler-Maruyama in t on dx = (f x - g^2 score) dt + g dw.
 - ``ProbabilityFlowODE``: dx = (f x - 1/2 g^2 score) dt, fixed-step Heun/Euler (Karras) or
   any torchdiffeq solver.
@@ -248,6 +249,30 @@ class DDIM(Sampler):
 
     def settings(self):
         return {"steps": self.steps, "eta": self.eta, **_tail(super().settings())}
+
+
+class FlowEuler(Sampler):
+    """Euler on the rectified-flow ODE dz/dt_rf = u, z = x_t / (a + s), t_rf = s / (a + s):
+    z' = z + (t_rf' - t_rf) u_hat, u_hat = eps_hat - x0_hat (any Denoiser, not only flow ones).
+
+    In x it is x_s = a_s x0_hat + s_s eps_hat: DDIM with eta = 0 on the same grid (MATH.md
+    section 9). NFE = steps + 1 (True), steps ("last_step"), steps (False).
+    """
+
+    def __init__(
+        self, steps: int = 100, time_grid: str = "uniform", final_denoise: bool | str = True
+    ):
+        self.steps, self.grid = int(steps), _check_grid(time_grid)
+        self.final_denoise = _check_final(final_denoise)
+
+    def step(self, model, x, grid, i, noise):
+        """z_s = z_t + (t_s - t_t) u_hat in the rectified-flow variable, back to x_s."""
+        out = model(x, grid.log_snr[i])
+        (a_t, s_t), (a_s, s_s) = (a_and_s2(grid.log_snr[j]) for j in (i, i - 1))
+        s_t, s_s = s_t.sqrt(), s_s.sqrt()
+        t_rf, s_rf = s_t / (a_t + s_t), s_s / (a_s + s_s)
+        z = x / (a_t + s_t) + (s_rf - t_rf) * (out.eps_hat - out.x0_hat)
+        return (a_s + s_s) * z
 
 
 class ReverseSDE(Sampler):
