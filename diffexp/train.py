@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from diffexp.factory import ConfigError, build_datamodule, build_module
+from diffexp.objectives import log_implied_weighting
 from diffexp.utils import (
     log,
     offline_wandb_by_default,
@@ -28,6 +29,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = build_datamodule(cfg.data)
     module = build_module(cfg, datamodule)
     with training_run(cfg) as trainer:
+        if trainer.is_global_zero:
+            log_implied_weighting(module, datamodule.dim, trainer, Path(cfg.paths.output_dir))
         if module.has_trainable_parameters():
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         else:

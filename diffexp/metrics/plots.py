@@ -1,4 +1,5 @@
-"""Plots of samples against data: scatter for 2-D (and more), histograms for 1-D."""
+"""Plots of samples against data (scatter for 2-D and more, histograms for 1-D) and of the
+implied weightings of objectives."""
 
 from __future__ import annotations
 
@@ -58,6 +59,36 @@ def plot_samples(samples: Tensor, reference: Tensor, path: str | Path, title: st
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plot_weightings(
+    curves: list[tuple[str, Tensor, Tensor, Tensor | None]], path: str | Path, title: str = ""
+) -> Path:
+    """Overlay normalized w(lambda) (and p(lambda), dashed, where given) of several objectives.
+
+    ``curves``: (label, lambda, w / max w, p or None) per objective; saved atomically as PNG.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for k, (label, lam, w, p) in enumerate(curves):
+        color = f"C{k % 10}"
+        ax.plot(lam.cpu(), w.cpu(), color=color, label=label)
+        if p is not None:
+            ax.plot(lam.cpu(), (p / p.max()).cpu(), color=color, ls="--", lw=0.8, alpha=0.7)
+    ax.set_xlabel("log-SNR lambda")
+    ax.set_ylabel("w(lambda) / max w   (dashed: p(lambda) / max p)")
+    ax.set_yscale("log")
+    ax.set_ylim(1e-4, 2.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title(title or "implied weighting of each objective (MATH.md section 9)", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)
     return path

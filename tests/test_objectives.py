@@ -1,0 +1,359 @@
+"""Objectives as weighted ELBOs (MATH.md section 9): one loss composes a weighting w(lambda), a
+noise-level density p(lambda) and the parameterization; checked against the oracle, closed forms
+and the table of implied weightings."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from diffexp.data.mixtures import make_mixture
+from diffexp.diffusion import schedules as S
+from diffexp.diffusion.denoiser import Denoiser, broadcast_like
+from diffexp.diffusion.elbo import diffuse, elbo_terms
+from diffexp.diffusion.loss import WeightedLoss
+from diffexp.diffusion.noise_sampling import NOISE_SAMPLINGS, LogitNormal, LogNormal, ScheduleTimes
+from diffexp.diffusion.parameterizations import PARAMETERIZATIONS, a_s, get_parameterization
+from diffexp.diffusion.weighting import (
+    WEIGHTINGS,
+    EDMWeighting,
+    Sigmoid,
+    Unit,
+    implied_log_weight,
+    is_monotone,
+)
+from diffexp.networks import MLP
+from tests.helpers import ENDS, F64, oracle_denoiser
+
+ROOT = Path(__file__).resolve().parents[1]
+SIGMA_DATA = 1.418  # the ring's std per dimension (conf/data/ring8.yaml)
+
+
+def _weighting(name: str):
+    """The registry's weighting with the ring's settings."""
+    return EDMWeighting(sigma_data=SIGMA_DATA) if name == "edm" else WEIGHTINGS[name]()
+
+
+def _param(name: str):
+    return get_parameterization(name, **({"sigma_data": SIGMA_DATA} if name == "edm" else {}))
+
+
+def _ring(n: int, seed: int = 0) -> torch.Tensor:
+    mixture = make_mixture("ring8").to(dtype=F64)
+    return mixture.sample(n, generator=torch.Generator().manual_seed(seed))[0]
+
+
+def _mlp_denoiser(param: str = "v") -> Denoiser:
+    """A fixed, untrained network (its output layer not zero) in float64."""
+    torch.manual_seed(0)
+    net = MLP(dim=2, width=32, depth=2)
+    nn.init.normal_(net.out[1].weight, std=0.3)
+    return Denoiser(net, _param(param), S.LogLinear(**ENDS)).double()
+
+
+def _mean_se(v: torch.Tensor) -> tuple[float, float]:
+    return v.mean().item(), (v.std() / math.sqrt(v.numel())).item()
+
+
+# --- p(lambda) only importance-samples -------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(NOISE_SAMPLINGS))
+def test_each_sampler_draws_from_its_density_on_the_range(name):
+    """The draws stay in [lambda(1), lambda(0)], come with 1/p(lambda), and follow the CDF of
+    ``log_density``, which integrates to 1 over the range (Kolmogorov-Smirnov distance)."""
+    schedule = S.Cosine(**ENDS).double()
+    sampling = NOISE_SAMPLINGS[name]()
+    n = 20000
+    levels = sampling.draw(schedule, n, generator=torch.Generator().manual_seed(0), like=_ring(1))
+    lam = levels.log_snr
+    assert lam.max() <= 10.0 + 1e-9 and lam.min() >= -8.0 - 1e-9
+    torch.testing.assert_close(
+        levels.inv_density, torch.exp(-sampling.log_density(schedule, lam)), rtol=1e-6, atol=0
+    )
+    grid = torch.linspace(-8.0, 10.0, 18001, dtype=F64)
+    cdf = torch.cumulative_trapezoid(torch.exp(sampling.log_density(schedule, grid)), grid)
+    assert cdf[-1].item() == pytest.approx(1.0, abs=1e-6)
+    empirical = torch.searchsorted(torch.sort(lam).values, grid[1:]).to(F64) / n
+    assert (empirical - cdf).abs().max().item() < 2e-3  # iid draws would give about 1/sqrt(n)
+
+
+def test_lognormal_and_logit_normal_are_normals_in_log_snr():
+    """ln sigma ~ N(P_mean, P_std^2) => lambda ~ N(-2 P_mean, 4 P_std^2); sigmoid(n) likewise."""
+    wide = S.LogLinear(log_snr_max=40.0, log_snr_min=-40.0).double()  # truncation negligible
+    gen = torch.Generator().manual_seed(1)
+    for sampling, (mean, std) in [
+        (NOISE_SAMPLINGS["lognormal"](), (2.4, 2.4)),
+        (NOISE_SAMPLINGS["logit_normal"](m=0.5, s=0.7), (-1.0, 1.4)),
+    ]:
+        lam = sampling.draw(wide, 40000, generator=gen, like=_ring(1)).log_snr
+        assert lam.mean().item() == pytest.approx(mean, abs=0.01)
+        assert lam.std().item() == pytest.approx(std, rel=0.01)
+
+
+@pytest.fixture(scope="module")
+def ring_batch():
+    return _ring(8192, seed=3)
+
+
+# every density of the registry, and wider ones centred on the range. The defaults put little
+# mass where the ELBO's and L_simple's w stays large (high log-SNR), so their importance weights
+# w / p are heavy-tailed there (the oracle's -ELBO diffusion term under logit_normal: 5.3 +- 0.7
+# "SE" against 7.6 +- 0.14 under the schedule, an SE that the tail makes meaningless); the test
+# compares them with the wide densities, where w / p is bounded.
+DENSITIES = {
+    **{name: cls() for name, cls in NOISE_SAMPLINGS.items()},
+    "lognormal wide": LogNormal(P_mean=-0.5, P_std=2.5),
+    "logit_normal wide": LogitNormal(m=-0.5, s=2.5),
+}
+BOUNDED_WEIGHTS = {"edm", "sigmoid", "min_snr"}  # w decays where every p above does
+
+
+@pytest.mark.parametrize("weighting", sorted(WEIGHTINGS))
+@pytest.mark.parametrize("kind", ["oracle", "mlp"])
+def test_the_mean_loss_does_not_depend_on_the_noise_level_density(weighting, kind, ring_batch):
+    """For every weighting, the one-sample loss has the same expectation under every density of
+    noise levels (importance sampling), within Monte Carlo error estimated here."""
+    den = oracle_denoiser("ring8", "eps") if kind == "oracle" else _mlp_denoiser()
+    stats = {}
+    for name, sampling in DENSITIES.items():
+        if weighting not in BOUNDED_WEIGHTS and name in NOISE_SAMPLINGS and name != "schedule":
+            continue
+        loss = WeightedLoss(_weighting(weighting), sampling)
+        gen = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            est, _, _ = loss.diffusion_loss(den, ring_batch, generator=gen)
+        stats[name] = _mean_se(est)
+    ref_mean, ref_se = stats["schedule"]
+    assert len(stats) >= 3
+    for name, (mean, se) in stats.items():
+        assert se < 0.06 * abs(mean), (name, mean, se)  # the comparison has power
+        assert abs(mean - ref_mean) < 4 * math.hypot(se, ref_se), (name, stats)
+
+
+def test_the_elbo_weighting_is_elbo_terms_exactly():
+    """w = 1 with the schedule's p: the loss is the one-sample -ELBO of ``elbo_terms``, bitwise."""
+    den, x0 = _mlp_denoiser("eps"), _ring(256)
+    for T in (0, 30):
+        out = WeightedLoss(WEIGHTINGS["elbo"](), ScheduleTimes())(
+            den, x0, T=T, generator=torch.Generator().manual_seed(5)
+        )
+        terms = elbo_terms(den, x0, T=T, generator=torch.Generator().manual_seed(5))
+        assert torch.equal(out.diffusion, terms.diffusion)
+        assert torch.equal(out.loss, terms.nll.mean())
+
+
+# --- the implied weighting: MATH.md section 9's table ----------------------------------------
+
+
+def _normal_log_pdf(x, mean, std):
+    return -0.5 * ((x - mean) / std) ** 2 - math.log(std * math.sqrt(2 * math.pi))
+
+
+GRID = torch.linspace(9.5, -7.5, 341, dtype=F64)
+TABLE = {
+    # name: (weighting, parameterization, schedule, expected log w up to a constant, monotone)
+    "eps/unit/cosine": (
+        Unit(),
+        "eps",
+        S.Cosine(offset=0.0, **ENDS),
+        lambda lam: -torch.log(torch.cosh(lam / 2)),
+        False,
+    ),
+    "v/unit/cosine": (Unit(), "v", S.Cosine(offset=0.0, **ENDS), lambda lam: -lam / 2, True),
+    "flow/unit/rectified_flow": (
+        Unit(),
+        "flow",
+        S.RectifiedFlow(**ENDS),
+        lambda lam: -lam / 2,
+        True,
+    ),
+    "edm/edm/lognormal": (
+        EDMWeighting(sigma_data=SIGMA_DATA),
+        "edm",
+        S.LogLinear(**ENDS),
+        lambda lam: (
+            _normal_log_pdf(lam, 2.4, 2.4)
+            + torch.log(torch.exp(-lam) + SIGMA_DATA**2)
+            - 2 * math.log(SIGMA_DATA)
+        ),
+        False,
+    ),
+    "sigmoid b=0": (
+        Sigmoid(0.0),
+        "v",
+        S.LogLinear(**ENDS),
+        lambda lam: -torch.nn.functional.softplus(lam),
+        True,
+    ),
+    "sigmoid b=2": (
+        Sigmoid(2.0),
+        "eps",
+        S.Cosine(**ENDS),
+        lambda lam: torch.nn.functional.logsigmoid(2 - lam),
+        True,
+    ),
+    "elbo": (WEIGHTINGS["elbo"](), "x0", S.Linear(**ENDS), lambda lam: torch.zeros_like(lam), True),
+}
+
+
+@pytest.mark.parametrize("case", list(TABLE))
+def test_implied_weighting_matches_the_table_of_math_section_9(case):
+    weighting, param, schedule, expected, monotone = TABLE[case]
+    log_w = implied_log_weight(weighting, _param(param), schedule.double(), GRID, dim=2)
+    ratio = torch.exp(log_w - expected(GRID))
+    torch.testing.assert_close(ratio / ratio.mean(), torch.ones_like(ratio), rtol=1e-6, atol=0)
+    assert is_monotone(GRID, log_w) is monotone
+
+
+class _KnownEpsError(nn.Module):
+    """A network that knows x0 (of a fixed batch) and predicts eps_hat = eps + delta in any
+    parameterization, so that ||eps_hat - eps||^2 = ||delta||^2 whatever lambda and eps are."""
+
+    def __init__(self, x0: torch.Tensor, delta: torch.Tensor, param) -> None:
+        super().__init__()
+        self.x0, self.delta, self.param = x0, delta, param
+
+    def forward(self, net_in, log_snr, y=None):
+        lam = broadcast_like(log_snr, net_in)
+        x_t = self.param.x_t_of_network_input(net_in, lam)
+        a, s = a_s(lam)
+        eps_hat = (x_t - a * self.x0) / s + self.delta
+        return self.param.output_from((x_t - s * eps_hat) / a, eps_hat, lam)
+
+
+@pytest.mark.parametrize("param", sorted(PARAMETERIZATIONS))
+@pytest.mark.parametrize("sampling", sorted(NOISE_SAMPLINGS))
+def test_the_loss_applies_w_over_p_to_the_eps_error(param, sampling):
+    """End to end, per example: loss = 1/2 (w(lambda) / p(lambda)) ||eps_hat - eps||^2 with the
+    implied w of every weighting, for every parameterization and density."""
+    x0 = _ring(512, seed=4)
+    delta = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5), dtype=F64)
+    p, schedule, ns = _param(param), S.Cosine(**ENDS).double(), NOISE_SAMPLINGS[sampling]()
+    den = Denoiser(_KnownEpsError(x0, delta, p), p, schedule)
+    for name in sorted(WEIGHTINGS):
+        weighting = _weighting(name)
+        est, _, lam = WeightedLoss(weighting, ns).diffusion_loss(
+            den, x0, generator=torch.Generator().manual_seed(6)
+        )
+        implied = est * 2 * torch.exp(ns.log_density(schedule, lam)) / delta.pow(2).sum(1)
+        want = torch.exp(implied_log_weight(weighting, p, schedule, lam, dim=2))
+        torch.testing.assert_close(implied, want, rtol=1e-6, atol=0, msg=name)
+
+
+# --- the oracle minimizes every objective ----------------------------------------------------
+
+
+class _Perturbed(nn.Module):
+    """The oracle's output plus a perturbation."""
+
+    def __init__(self, oracle: nn.Module, kind: str) -> None:
+        super().__init__()
+        self.oracle, self.kind = oracle, kind
+
+    def forward(self, net_in, log_snr, y=None):
+        out = self.oracle(net_in, log_snr, y)
+        if self.kind == "shift":
+            return out + 0.1
+        if self.kind == "scale":
+            return out * 1.1
+        return out + 0.1 * torch.sin(3 * net_in)
+
+
+OBJECTIVES = {
+    "edm/edm/lognormal": ("edm", "edm", "lognormal", S.LogLinear(**ENDS)),
+    "flow/unit/rectified_flow": ("flow", "unit", "schedule", S.RectifiedFlow(**ENDS)),
+    "flow/unit/logit_normal": ("flow", "unit", "logit_normal", S.RectifiedFlow(**ENDS)),
+    "edm/sigmoid/schedule": ("edm", "sigmoid", "schedule", S.Cosine(**ENDS)),
+    "x0/edm/lognormal": ("x0", "edm", "lognormal", S.LogLinear(**ENDS)),
+}
+
+
+@pytest.mark.parametrize("case", list(OBJECTIVES))
+def test_the_oracle_is_the_minimizer_of_each_new_objective(case, ring_batch):
+    """The posterior mean, expressed in the parameterization, has a lower loss than itself
+    perturbed (the same noise for both: a paired comparison)."""
+    param, weighting, sampling, schedule = OBJECTIVES[case]
+    base = oracle_denoiser("ring8", param, schedule.double())
+    base.parameterization = _param(param)
+    base.network.parameterization = base.parameterization
+    loss = WeightedLoss(_weighting(weighting), NOISE_SAMPLINGS[sampling]())
+
+    x0 = ring_batch[:4096]
+
+    def value(den):
+        with torch.no_grad():
+            return loss(den, x0, generator=torch.Generator().manual_seed(11)).loss.item()
+
+    at_oracle = value(base)
+    for kind in ("shift", "scale", "sin"):
+        perturbed = Denoiser(_Perturbed(base.network, kind), base.parameterization, base.schedule)
+        assert value(perturbed) > at_oracle, (kind, value(perturbed), at_oracle)
+
+
+def test_edm_loss_is_the_mean_square_of_the_preconditioned_output_error(ring_batch):
+    """edm weighting + lognormal + edm preconditioning = EDM's loss: mean over dimensions of
+    ||F - F_target||^2, unit weight, ln sigma ~ N(-1.2, 1.2^2) (truncated to the range)."""
+    den = _mlp_denoiser("edm")
+    loss = WeightedLoss(EDMWeighting(sigma_data=SIGMA_DATA), LogNormal())
+    est, squared, lam = loss.diffusion_loss(
+        den, ring_batch, generator=torch.Generator().manual_seed(2)
+    )
+    torch.testing.assert_close(est, squared / 2, rtol=1e-10, atol=0)
+    assert lam.std().item() == pytest.approx(2.4, rel=0.05)
+
+
+def test_diffuse_agrees_with_the_flow_path():
+    """x_t / (a + s) = (1 - t) x0 + t eps, t = s / (a + s): the flow network's input."""
+    x0, eps = _ring(16), torch.randn(16, 2, dtype=F64)
+    lam = torch.linspace(-6, 8, 16, dtype=F64)
+    a, s = a_s(lam[:, None])
+    t = s / (a + s)
+    z = _param("flow").network_input(diffuse(x0, lam, eps), lam[:, None])
+    torch.testing.assert_close(z, (1 - t) * x0 + t * eps, rtol=1e-12, atol=1e-12)
+
+
+# --- the objectives command ------------------------------------------------------------------
+
+
+def test_objectives_command_overlays_a_sweep_and_writes_the_plot(tmp_path):
+    out = tmp_path / "objectives"
+    args = ["-m", "experiment=edm,rectified_flow,sigmoid", "--out", str(out), "--points", "101"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffexp.objectives", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "experiment=edm: not monotone" in proc.stdout
+    assert "experiment=rectified_flow: monotone" in proc.stdout
+    assert "experiment=sigmoid: monotone" in proc.stdout
+    png = out / "implied_weighting.png"
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    import json
+
+    curves = json.loads((out / "implied_weighting.json").read_text())["objectives"]
+    assert [c["label"] for c in curves] == [
+        "experiment=edm",
+        "experiment=rectified_flow",
+        "experiment=sigmoid",
+    ]
+    flow = torch.tensor(curves[1]["weight"], dtype=F64)
+    lam = torch.tensor(curves[1]["log_snr"], dtype=F64)
+    torch.testing.assert_close(flow, torch.exp(-(lam - lam.min()) / 2), rtol=1e-6, atol=0)
+
+
+def test_objectives_command_refuses_an_unknown_option(tmp_path, capsys):
+    from diffexp.objectives import main
+
+    assert main(["weighting=sigmoidd", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "sigmoidd" in err and "Traceback" not in err
