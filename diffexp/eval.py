@@ -25,6 +25,7 @@ from diffexp.metrics.estimators import flatten, forms_report, schedules_report
 from diffexp.metrics.features import build_feature_extractor, classifier_accuracy, load_classifier
 from diffexp.metrics.fid import fid_kid
 from diffexp.metrics.plots import plot_samples, save_image_grid
+from diffexp.metrics.sample_kl import sample_kl
 from diffexp.metrics.sliced_wasserstein import sliced_wasserstein
 from diffexp.module import split_batch
 from diffexp.runs import (
@@ -144,6 +145,10 @@ def sample_report(model: LoadedModel, cfg: DictConfig, out_dir: Path) -> dict[st
         report["sample_log_density_gap_nats"] = (
             report["sample_mean_log_density_nats"] - report["data_mean_log_density_nats"]
         )
+        # KL(p_hat || q) with the k-NN entropy (MATH.md s10); its floor: the same on ``ref``
+        finite = bool(torch.isfinite(x).all())
+        report["sample_kl_nats"] = sample_kl(x, dm.true_log_prob) if finite else math.nan
+        report["sample_kl_floor_nats"] = sample_kl(ref, dm.true_log_prob)
     if x.shape[1] <= 3:
         plot_samples(x, ref, out_dir / "samples.png", f"{sampler!r}, NFE {nfe}")
     return report

@@ -43,6 +43,8 @@ def test_oracle_eval_reports_elbo_ode_likelihood_and_sample_metrics(tmp_path):
     )
     assert m["sliced_wasserstein"] < 1.5 * m["sliced_wasserstein_floor"]
     assert abs(m["sample_log_density_gap_nats"]) < 0.1
+    assert 0 < m["sample_kl_floor_nats"] < 0.08  # exact-sample floor at n = 2000: 0.040 +- 0.008
+    assert m["sample_kl_nats"] < m["sample_kl_floor_nats"] + 0.05  # ~4 sd of the difference
 
 
 def test_guided_sampling_of_one_label_lands_on_its_component(tmp_path):
