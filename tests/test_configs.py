@@ -104,3 +104,41 @@ def test_sampler_steps_override():
     cfg = _compose(["sampler.steps=7"])
     assert build_sampler(cfg.sampler).steps == 7
     assert build_sampler(cfg.sampler, steps=3).steps == 3
+
+
+# preset -> (parameterization, weighting, noise sampling, schedule) it composes
+OBJECTIVE_PRESETS = {
+    "edm": ("EDM", "edm", "lognormal", "LogLinear"),
+    "rectified_flow": ("Flow", "unit", "schedule", "RectifiedFlow"),
+    "rectified_flow_logit_normal": ("Flow", "unit", "logit_normal", "RectifiedFlow"),
+    "sigmoid": ("V", "sigmoid", "schedule", "LogLinear"),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(OBJECTIVE_PRESETS))
+def test_objective_presets_compose_for_cifar10(preset):
+    cfg = _compose([f"experiment={preset}", "data=cifar10", "network=unet"])
+    module = build_module(cfg, build_datamodule(cfg.data))
+    got = (
+        type(module.denoiser.parameterization).__name__,
+        module.objective.weighting.name,
+        module.objective.noise_sampling.name,
+        type(module.schedule).__name__,
+    )
+    assert got == OBJECTIVE_PRESETS[preset]
+    if preset == "edm":  # images in [-1, 1]
+        assert module.denoiser.parameterization.sigma_data == 0.5
+        assert module.objective.weighting.sigma_data == 0.5
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["noise_sampling=lognormal", "model.T=100"], "model.T=100 is a T-step model"),
+        (["noise_sampling=logit_normal", "schedule=learned"], "use noise_sampling=schedule"),
+    ],
+)
+def test_noise_sampling_that_cannot_work_is_refused_at_build_time(overrides, message):
+    cfg = _compose(overrides)
+    with pytest.raises(ConfigError, match=message):
+        build_module(cfg, build_datamodule(cfg.data))

@@ -56,12 +56,7 @@ def plot_samples(samples: Tensor, reference: Tensor, path: str | Path, title: st
             ax.set_aspect("equal")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def plot_weightings(
@@ -86,9 +81,14 @@ def plot_weightings(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
     ax.set_title(title or "implied weighting of each objective (MATH.md section 9)", fontsize=9)
+    return save_figure(fig, path, dpi=120)
+
+
+def save_figure(fig: plt.Figure, path: Path, dpi: int = 100) -> Path:
+    """Lay out, save as PNG atomically (a temporary file, then a rename) and close ``fig``."""
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     tmp.replace(path)
     return path
