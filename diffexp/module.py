@@ -16,12 +16,13 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from diffexp.diffusion.denoiser import Denoiser
 from diffexp.diffusion.elbo import ReconstructionNLL, gaussian_reconstruction_nll
-from diffexp.diffusion.loss import LossOutput, WeightedLoss
+from diffexp.diffusion.loss import HEAVY_TAILED_SPREAD, LossOutput, WeightedLoss
 from diffexp.diffusion.noise_sampling import NoiseSampling, ScheduleTimes
 from diffexp.diffusion.schedules import Learned, Schedule
 from diffexp.diffusion.weighting import Weighting
@@ -72,7 +73,7 @@ class DiffusionModule(pl.LightningModule):
         self.reconstruction_nll = reconstruction_nll
         self.config = config or {}
         self.p_uncond = float(p_uncond)
-        check_objective(self.objective, denoiser.schedule, self.T)
+        check_objective(self.objective, denoiser.schedule, self.T, denoiser.parameterization)
         self._noise_generator: torch.Generator | None = None
         self._pending_noise_state: Tensor | None = None
         self.ema: AveragedModel | None = None
@@ -216,10 +217,14 @@ class DiffusionModule(pl.LightningModule):
             self._noise_generator = None
 
 
-def check_objective(objective: WeightedLoss, schedule: Schedule, T: int) -> None:
-    """Refuse the combinations of weighting, noise sampling, schedule and T that cannot work."""
+def check_objective(
+    objective: WeightedLoss, schedule: Schedule, T: int, parameterization: Any = None
+) -> None:
+    """Refuse the combinations of weighting, noise sampling, schedule and T that cannot work;
+    warn when the density makes the loss's importance weights heavy-tailed."""
     sampling = objective.noise_sampling
     if not isinstance(sampling, ScheduleTimes):
+        sampling.check(schedule)
         if T > 0:
             raise ValueError(
                 f"noise_sampling={sampling.name} draws continuous noise levels, but model.T={T} "
@@ -232,8 +237,28 @@ def check_objective(objective: WeightedLoss, schedule: Schedule, T: int) -> None
                 f"noise_sampling={sampling.name} draws lambda without it; use "
                 "noise_sampling=schedule with schedule=learned, or a fixed schedule"
             )
+        if parameterization is not None and not isinstance(schedule, Learned):
+            warn_heavy_tailed_weights(objective, schedule, parameterization)
     if getattr(schedule, "interior_objective", "elbo") == "variance":
         check_variance_objective(objective.weighting, T)
+
+
+def warn_heavy_tailed_weights(
+    objective: WeightedLoss, schedule: Schedule, parameterization
+) -> None:
+    """A warning (not an error: studying it is legitimate) when w / p is heavy-tailed."""
+    spread = objective.importance_weight_spread(parameterization, schedule)
+    own = WeightedLoss(objective.weighting).importance_weight_spread(parameterization, schedule)
+    if spread > HEAVY_TAILED_SPREAD and spread > 10 * own:
+        rank_zero_warn(
+            f"noise_sampling={objective.noise_sampling.name} with "
+            f"weighting={objective.weighting.name}: the largest term of the loss estimate, "
+            f"w/p times a perfect denoiser's error, is {spread:.3g} times its mean on the "
+            f"log-SNR range (noise_sampling=schedule: "
+            f"{own:.3g}); the loss estimate is heavy-tailed, so training is noisy and may end "
+            "far from the objective's optimum. A density with more mass where w is large "
+            "(e.g. noise_sampling=schedule) fixes it."
+        )
 
 
 def check_variance_objective(weighting: Weighting, T: int) -> None:

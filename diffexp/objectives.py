@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.loggers import WandbLogger
 from torch import Tensor
 
+from diffexp.diffusion.loss import HEAVY_TAILED_SPREAD, WeightedLoss
 from diffexp.diffusion.noise_sampling import NoiseSampling, ScheduleTimes
 from diffexp.diffusion.parameterizations import Parameterization
 from diffexp.diffusion.schedules import Schedule
@@ -52,6 +53,7 @@ class ImpliedWeighting:
     weight: Tensor
     density: Tensor
     monotone: bool
+    spread: float
 
     def as_dict(self) -> dict:
         """Plain lists, for JSON."""
@@ -59,6 +61,7 @@ class ImpliedWeighting:
             "label": self.label,
             "description": self.description,
             "monotone": self.monotone,
+            "importance_weight_spread": self.spread,
             "log_snr": self.log_snr.tolist(),
             "weight": self.weight.tolist(),
             "density": self.density.tolist(),
@@ -93,6 +96,9 @@ def implied_weighting(
         weight=torch.exp(log_w - log_w.max()),
         density=torch.exp(log_p),
         monotone=is_monotone(lam, log_w),
+        spread=WeightedLoss(weighting, sampling).importance_weight_spread(
+            parameterization, schedule
+        ),
     )
 
 
@@ -153,7 +159,13 @@ def table(curves: list[ImpliedWeighting], columns: int = 7) -> str:
         idx = torch.linspace(0, len(c.log_snr) - 1, columns).round().long()
         cells = "  ".join(f"{c.log_snr[i]:+6.1f}: {c.weight[i]:.3g}" for i in idx)
         mono = "monotone (an ELBO of noise-augmented data)" if c.monotone else "not monotone"
-        lines += [f"{c.label}: {mono}", f"    {c.description}", f"    w/max w at lambda {cells}"]
+        lines += [
+            f"{c.label}: {mono}",
+            f"    {c.description}",
+            f"    w/max w at lambda {cells}",
+            f"    largest term of the loss estimate / its mean: {c.spread:.3g}"
+            + ("  (heavy-tailed: a noisy loss)" if c.spread > HEAVY_TAILED_SPREAD else ""),
+        ]
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -136,9 +137,20 @@ def test_objective_presets_compose_for_cifar10(preset):
     [
         (["noise_sampling=lognormal", "model.T=100"], "model.T=100 is a T-step model"),
         (["noise_sampling=logit_normal", "schedule=learned"], "use noise_sampling=schedule"),
+        (["noise_sampling=logit_normal", "noise_sampling.m=200"], "puts no mass"),
     ],
 )
 def test_noise_sampling_that_cannot_work_is_refused_at_build_time(overrides, message):
     cfg = _compose(overrides)
     with pytest.raises(ConfigError, match=message):
+        build_module(cfg, build_datamodule(cfg.data))
+
+
+def test_a_heavy_tailed_noise_sampling_is_warned_about_and_a_sound_one_is_not():
+    cfg = _compose(["noise_sampling=logit_normal"])  # the ELBO's w = 1: 1.6 nats looser
+    with pytest.warns(UserWarning, match="heavy-tailed"):
+        build_module(cfg, build_datamodule(cfg.data))
+    cfg = _compose(["experiment=edm"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
         build_module(cfg, build_datamodule(cfg.data))

@@ -84,6 +84,35 @@ def test_each_sampler_draws_from_its_density_on_the_range(name):
     assert (empirical - cdf).abs().max().item() < 2e-3  # iid draws would give about 1/sqrt(n)
 
 
+def test_truncated_normals_reach_the_far_tail_and_survive_extreme_means():
+    """Float64 inverse CDFs: the logit-normal's tail up to lambda = 13.3 on the image range (float32
+    uniforms stop at 10.6); a range deep in one tail is drawn from the mirrored side."""
+    sched = S.LogLinear(log_snr_max=13.3, log_snr_min=-5.0).double()
+    ends = torch.tensor([1e-12, 1 - 1e-12], dtype=F64)  # the inverse CDF may run either way
+    lam = LogitNormal().from_uniform(sched, ends).log_snr
+    assert lam.max().item() > 13.0 and lam.min().item() < -4.99
+    seen = []
+    sampling = LogitNormal()
+    sampling.from_uniform = lambda schedule, u, T=0: (
+        seen.append(u.dtype) or LogitNormal.from_uniform(sampling, schedule, u, T)
+    )
+    levels = sampling.draw(sched, 8, like=torch.zeros(1))  # float32 training, float64 uniforms
+    assert seen == [F64] and levels.log_snr.dtype == torch.float32
+    grid = torch.linspace(-5.0, 13.3, 18301, dtype=F64)
+    for m in (8.0, 20.0, -20.0):
+        sampling = LogitNormal(m=m, s=0.5)
+        sampling.check(sched)
+        levels = sampling.draw(
+            sched, 4096, generator=torch.Generator().manual_seed(0), like=_ring(1)
+        )
+        assert torch.isfinite(levels.inv_density).all()
+        assert levels.log_snr.min() >= -5.0 and levels.log_snr.max() <= 13.3
+        density = torch.exp(sampling.log_density(sched, grid))
+        assert torch.trapezoid(density, grid).item() == pytest.approx(1.0, abs=1e-3)
+    with pytest.raises(ValueError, match="no mass"):
+        LogitNormal(m=200.0, s=0.5).check(sched)
+
+
 def test_lognormal_and_logit_normal_are_normals_in_log_snr():
     """ln sigma ~ N(P_mean, P_std^2) => lambda ~ N(-2 P_mean, 4 P_std^2); sigmoid(n) likewise."""
     wide = S.LogLinear(log_snr_max=40.0, log_snr_min=-40.0).double()  # truncation negligible

@@ -165,8 +165,8 @@ def denoising_matching(
     """
     levels = SCHEDULE_TIMES.from_uniform(denoiser.schedule, t, T)
     lam = levels.log_snr
-    log_w = torch.log(0.5 * levels.inv_density) + lam
-    return weighted_denoising_error(denoiser, x0, lam, log_w, y, generator)[0], lam
+    est, _ = weighted_denoising_error(denoiser, x0, lam, levels.elbo_log_weight(), y, generator)
+    return est, lam
 
 
 def endpoint_terms(

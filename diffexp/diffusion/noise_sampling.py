@@ -42,6 +42,10 @@ class NoiseLevels:
     log_snr: Tensor
     inv_density: Tensor
 
+    def elbo_log_weight(self) -> Tensor:
+        """log(1/2 (1 / p(lambda)) SNR): the ELBO's (w = 1) weight on ||x0 - x0_hat||^2."""
+        return torch.log(0.5 * self.inv_density) + self.log_snr
+
 
 class NoiseSampling:
     """Base class: a density p(lambda) on the schedule's range, sampled by inverse CDF."""
@@ -69,6 +73,9 @@ class NoiseSampling:
         """log p(lambda) on the schedule's range."""
         raise NotImplementedError
 
+    def check(self, schedule: Schedule) -> None:
+        """Raise a ValueError, before training, when this density cannot serve ``schedule``."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -94,31 +101,89 @@ class ScheduleTimes(NoiseSampling):
         return schedule.log_density(log_snr)
 
 
+@dataclass(frozen=True)
+class _Range:
+    """A truncated normal's standardized range: Phi at its ends, log Z, orientation, endpoints."""
+
+    cdf_lo: float
+    cdf_hi: float
+    log_z: float
+    flipped: bool
+    lam_min: float
+    lam_max: float
+
+
 class TruncatedNormalLogSNR(NoiseSampling):
-    """lambda ~ N(mean, std^2) truncated to the schedule's range [lambda(1), lambda(0)]."""
+    """lambda ~ N(mean, std^2) truncated to the schedule's range [lambda(1), lambda(0)].
+
+    Drawn in float64 (float32 uniforms would leave tails of mass < 6e-8 unreachable) by the
+    inverse CDF of the side of the normal where the range's CDF values are small and exact.
+    """
 
     mean: float = 0.0
     std: float = 1.0
+    _cache: tuple[int, _Range] | None = None
 
-    def _bounds(self, schedule: Schedule) -> tuple[float, float, float]:
-        """(Phi(a), Phi(b), log Z) of the standardized range, Z = Phi(b) - Phi(a)."""
+    def _bounds(self, schedule: Schedule) -> _Range:
+        """The standardized range [a, b] with Phi(a), Phi(b) and log Z, Z = Phi(b) - Phi(a);
+        flipped ([a, b] = [-b0, -a0]) when the range lies mostly above the mean. Cached for a
+        fixed schedule, so a training step costs no device-to-host copy."""
+        fixed = not any(p.requires_grad for p in schedule.parameters())
+        if fixed and self._cache is not None and self._cache[0] == id(schedule):
+            return self._cache[1]
         lam_0, lam_1 = schedule.endpoints
-        lo = torch.tensor((lam_1 - self.mean) / self.std, dtype=torch.float64)
-        hi = torch.tensor((lam_0 - self.mean) / self.std, dtype=torch.float64)
-        c_lo, c_hi = torch.special.ndtr(lo), torch.special.ndtr(hi)
-        return float(c_lo), float(c_hi), math.log(float(c_hi - c_lo))
+        a, b = (lam_1 - self.mean) / self.std, (lam_0 - self.mean) / self.std
+        flipped = a + b > 0
+        if flipped:
+            a, b = -b, -a
+        log_lo, log_hi = (
+            float(torch.special.log_ndtr(torch.tensor(v, dtype=torch.float64))) for v in (a, b)
+        )
+        gap = log_lo - log_hi  # log Z = log Phi(b) + log(1 - Phi(a) / Phi(b))
+        log_z = log_hi + (
+            math.log(-math.expm1(gap)) if gap > -math.log(2) else math.log1p(-math.exp(gap))
+        )
+        bounds = _Range(math.exp(log_lo), math.exp(log_hi), log_z, flipped, lam_1, lam_0)
+        if fixed:
+            self._cache = (id(schedule), bounds)
+        return bounds
+
+    def check(self, schedule: Schedule) -> None:
+        """A clear error when the density puts no representable mass on the schedule's range."""
+        lam_0, lam_1 = schedule.endpoints
+        r = self._bounds(schedule)
+        if not (r.cdf_hi > r.cdf_lo and math.isfinite(r.log_z)):
+            raise ValueError(
+                f"noise_sampling={self.name} ({self!r}) puts no mass on the schedule's log-SNR "
+                f"range [{lam_1:g}, {lam_0:g}]; move its mean into the range"
+            )
+
+    def draw(
+        self,
+        schedule: Schedule,
+        n: int,
+        T: int = 0,
+        generator: torch.Generator | None = None,
+        like: Tensor | None = None,
+    ) -> NoiseLevels:
+        """n noise levels from n stratified float64 uniforms, returned in ``like``'s dtype."""
+        like = like if like is not None else torch.zeros(())
+        u = stratified_times(n, 1, generator, device=like.device, dtype=torch.float64)[:, 0]
+        levels = self.from_uniform(schedule, u, T)
+        return NoiseLevels(levels.log_snr.to(like.dtype), levels.inv_density.to(like.dtype))
 
     def from_uniform(self, schedule: Schedule, u: Tensor, T: int = 0) -> NoiseLevels:
-        """lambda = mean + std Phi^-1(Phi(a) + u Z), 1/p = Z / N(lambda; mean, std^2)."""
+        """lambda = mean + std Phi^-1(Phi(a) + u Z) (mirrored when flipped), clamped to the
+        range, and 1/p = Z / N(lambda; mean, std^2)."""
         if T > 0:
             raise ValueError(
                 f"noise_sampling={self.name} draws continuous noise levels; a T-step model "
                 f"(model.T={T}) trains on its own steps: use noise_sampling=schedule"
             )
-        c_lo, c_hi, log_z = self._bounds(schedule)
-        q = c_lo + u.to(torch.float64) * (c_hi - c_lo)
-        lam = self.mean + self.std * torch.special.ndtri(q)
-        inv_p = torch.exp(log_z - self._log_normal(lam))
+        r = self._bounds(schedule)
+        z = torch.special.ndtri(r.cdf_lo + u.to(torch.float64) * (r.cdf_hi - r.cdf_lo))
+        lam = (self.mean + self.std * (-z if r.flipped else z)).clamp(r.lam_min, r.lam_max)
+        inv_p = torch.exp(r.log_z - self._log_normal(lam))
         return NoiseLevels(lam.to(u.dtype), inv_p.to(u.dtype))
 
     def _log_normal(self, log_snr: Tensor) -> Tensor:
@@ -128,7 +193,7 @@ class TruncatedNormalLogSNR(NoiseSampling):
 
     def log_density(self, schedule: Schedule, log_snr: Tensor) -> Tensor:
         """log N(lambda; mean, std^2) - log Z."""
-        return self._log_normal(log_snr) - self._bounds(schedule)[2]
+        return self._log_normal(log_snr) - self._bounds(schedule).log_z
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(lambda ~ N({self.mean:g}, {self.std:g}^2))"

@@ -178,9 +178,8 @@ class EDM(Parameterization):
 
     def _coefficients(self, log_snr: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(a, s, sqrt(D2)) with D2 = s^2 + a^2 sigma_d^2."""
-        a, s = a_s(log_snr)
         a2, s2 = torch.sigmoid(log_snr), torch.sigmoid(-log_snr)
-        return a, s, torch.sqrt(s2 + a2 * self.sigma_data**2)
+        return a2.sqrt(), s2.sqrt(), torch.sqrt(s2 + a2 * self.sigma_data**2)
 
     def target(self, x0: Tensor, eps: Tensor, log_snr: Tensor) -> Tensor:
         """F = (x0 - c_skip x_ve) / c_out = (s x0 - sigma_d^2 a eps) / (sigma_d sqrt(D2))."""

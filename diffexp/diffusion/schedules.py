@@ -141,6 +141,12 @@ class _TruncatedSchedule(Schedule):
         u0, u1 = self.u_range.to(t.dtype)
         return self._raw_log_snr(u0 + (u1 - u0) * t)
 
+    def log_density(self, log_snr: Tensor) -> Tensor:
+        """log p(lambda) = -log|d lambda/dt| at t(lambda), t by the shape's closed-form inverse."""
+        u0, u1 = self.u_range.to(log_snr.dtype)
+        t = (self._raw_t_of_log_snr(log_snr) - u0) / (u1 - u0)
+        return -torch.log(-self.dlog_snr_dt(t))
+
     def _raw_log_snr(self, u: Tensor) -> Tensor:
         raise NotImplementedError
 
