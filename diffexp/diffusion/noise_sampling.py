@@ -51,6 +51,7 @@ class NoiseSampling:
     """Base class: a density p(lambda) on the schedule's range, sampled by inverse CDF."""
 
     name: str = ""
+    uniform_dtype: torch.dtype | None = None  # the uniforms' dtype; None: the data's
 
     def draw(
         self,
@@ -60,10 +61,12 @@ class NoiseSampling:
         generator: torch.Generator | None = None,
         like: Tensor | None = None,
     ) -> NoiseLevels:
-        """n noise levels from n stratified uniforms (``like``: device and dtype)."""
+        """n noise levels from n stratified uniforms, on ``like``'s device and in its dtype."""
         like = like if like is not None else torch.zeros(())
-        u = stratified_times(n, 1, generator, device=like.device, dtype=like.dtype)[:, 0]
-        return self.from_uniform(schedule, u, T)
+        dtype = self.uniform_dtype or like.dtype
+        u = stratified_times(n, 1, generator, device=like.device, dtype=dtype)[:, 0]
+        levels = self.from_uniform(schedule, u, T)
+        return NoiseLevels(levels.log_snr.to(like.dtype), levels.inv_density.to(like.dtype))
 
     def from_uniform(self, schedule: Schedule, u: Tensor, T: int = 0) -> NoiseLevels:
         """lambda = F^-1(u) and 1/p(lambda) for uniforms u [n]."""
@@ -122,6 +125,7 @@ class TruncatedNormalLogSNR(NoiseSampling):
 
     mean: float = 0.0
     std: float = 1.0
+    uniform_dtype = torch.float64
     _cache: tuple[int, _Range] | None = None
 
     def _bounds(self, schedule: Schedule) -> _Range:
@@ -157,20 +161,6 @@ class TruncatedNormalLogSNR(NoiseSampling):
                 f"noise_sampling={self.name} ({self!r}) puts no mass on the schedule's log-SNR "
                 f"range [{lam_1:g}, {lam_0:g}]; move its mean into the range"
             )
-
-    def draw(
-        self,
-        schedule: Schedule,
-        n: int,
-        T: int = 0,
-        generator: torch.Generator | None = None,
-        like: Tensor | None = None,
-    ) -> NoiseLevels:
-        """n noise levels from n stratified float64 uniforms, returned in ``like``'s dtype."""
-        like = like if like is not None else torch.zeros(())
-        u = stratified_times(n, 1, generator, device=like.device, dtype=torch.float64)[:, 0]
-        levels = self.from_uniform(schedule, u, T)
-        return NoiseLevels(levels.log_snr.to(like.dtype), levels.inv_density.to(like.dtype))
 
     def from_uniform(self, schedule: Schedule, u: Tensor, T: int = 0) -> NoiseLevels:
         """lambda = mean + std Phi^-1(Phi(a) + u Z) (mirrored when flipped), clamped to the
