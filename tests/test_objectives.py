@@ -178,6 +178,32 @@ def test_the_elbo_weighting_is_elbo_terms_exactly():
         assert torch.equal(out.loss, terms.nll.mean())
 
 
+@pytest.mark.parametrize("name", ["unit", "min_snr"])
+@pytest.mark.parametrize("T", [0, 40])
+def test_unit_and_min_snr_keep_their_numbers_under_the_schedules_density(name, T):
+    """L_simple and Min-SNR as they were defined before the split: mean over the batch of
+    c_w mean_i (target_i - out_i)^2 at t stratified in [0, 1] (ceil(t T) / T for T steps), with
+    c_w = 1 (unit) or min(SNR, gamma) c^2 (min_snr), the same draws."""
+    den, x0 = _mlp_denoiser("score"), _ring(512)
+    schedule, p = den.schedule, den.parameterization
+    out = WeightedLoss(WEIGHTINGS[name](), ScheduleTimes())(
+        den, x0, T=T, generator=torch.Generator().manual_seed(9)
+    )
+    gen = torch.Generator().manual_seed(9)
+    u = torch.rand((), generator=gen, dtype=F64)
+    t = torch.remainder(u + torch.arange(512, dtype=F64) / 512, 1.0)
+    if T > 0:
+        t = torch.clamp(torch.ceil(t * T), 1, T) / T
+    lam = schedule.log_snr(t)
+    eps = torch.randn(x0.shape, generator=gen, dtype=F64)
+    pred = den(diffuse(x0, lam, eps), log_snr=lam)
+    mse = ((p.target(x0, eps, lam[:, None]) - pred.out) ** 2).mean(dim=1)
+    weight = torch.ones_like(lam)
+    if name == "min_snr":
+        weight = torch.clamp(lam.exp(), max=5.0) * torch.exp(p.log_x0_error_scale2(lam))
+    torch.testing.assert_close(out.loss, (weight * mse).mean(), rtol=1e-12, atol=0)
+
+
 # --- the implied weighting: MATH.md section 9's table ----------------------------------------
 
 

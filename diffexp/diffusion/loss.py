@@ -61,11 +61,14 @@ class WeightedLoss:
 
     def log_weight_over_density(self, denoiser: Denoiser, levels: NoiseLevels, dim: int) -> Tensor:
         """log(1/2 (w / p) SNR): the per-example log weight on ||x0 - x0_hat||^2."""
-        lam = levels.log_snr
-        known = None
-        if isinstance(self.noise_sampling, ScheduleTimes):
-            known = -torch.log(levels.inv_density)  # p is the schedule's own density
-        inputs = WeightingInputs(lam, denoiser.parameterization, denoiser.schedule, dim, known)
+        own = isinstance(self.noise_sampling, ScheduleTimes)  # p is the schedule's density
+        inputs = WeightingInputs(
+            levels.log_snr,
+            denoiser.parameterization,
+            denoiser.schedule,
+            dim,
+            levels.inv_density if own else None,
+        )
         w = self.weighting.log_weight(inputs)
         return levels.elbo_log_weight() if w is None else levels.elbo_log_weight() + w
 

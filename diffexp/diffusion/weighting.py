@@ -46,13 +46,14 @@ class WeightingInputs:
     parameterization: Parameterization
     schedule: Schedule
     dim: int
-    _schedule_log_density: Tensor | None = field(default=None, repr=False)
+    # 1 / p_sched(lambda) when lambda was drawn by the schedule's own t ~ U(0, 1)
+    schedule_inv_density: Tensor | None = field(default=None, repr=False)
 
     def schedule_log_density(self) -> Tensor:
-        """log p_sched(lambda) = -log|lambda'(t(lambda))|, computed once (given when known)."""
-        if self._schedule_log_density is None:
-            self._schedule_log_density = self.schedule.log_density(self.log_snr)
-        return self._schedule_log_density
+        """log p_sched(lambda) = -log|lambda'(t(lambda))| (from the draw when it is known)."""
+        if self.schedule_inv_density is not None:
+            return -torch.log(self.schedule_inv_density)
+        return self.schedule.log_density(self.log_snr)
 
 
 class Weighting:
