@@ -18,6 +18,7 @@ then stride 1/n, as the ELBO's times), and returns 1/p(lambda) with each lambda:
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -126,14 +127,14 @@ class TruncatedNormalLogSNR(NoiseSampling):
     mean: float = 0.0
     std: float = 1.0
     uniform_dtype = torch.float64
-    _cache: tuple[int, _Range] | None = None
+    _cache: tuple[weakref.ref, _Range] | None = None
 
     def _bounds(self, schedule: Schedule) -> _Range:
         """The standardized range [a, b] with Phi(a), Phi(b) and log Z, Z = Phi(b) - Phi(a);
         flipped ([a, b] = [-b0, -a0]) when the range lies mostly above the mean. Cached for a
         fixed schedule, so a training step costs no device-to-host copy."""
         fixed = not any(p.requires_grad for p in schedule.parameters())
-        if fixed and self._cache is not None and self._cache[0] == id(schedule):
+        if fixed and self._cache is not None and self._cache[0]() is schedule:
             return self._cache[1]
         lam_0, lam_1 = schedule.endpoints
         a, b = (lam_1 - self.mean) / self.std, (lam_0 - self.mean) / self.std
@@ -149,7 +150,7 @@ class TruncatedNormalLogSNR(NoiseSampling):
         )
         bounds = _Range(math.exp(log_lo), math.exp(log_hi), log_z, flipped, lam_1, lam_0)
         if fixed:
-            self._cache = (id(schedule), bounds)
+            self._cache = (weakref.ref(schedule), bounds)
         return bounds
 
     def check(self, schedule: Schedule) -> None:
