@@ -176,6 +176,15 @@ class DiffusionModule(pl.LightningModule):
             return True
         return bool(trainer._logger_connector.should_update_logs)
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Step labels continue from the checkpoint as in the uninterrupted run. Lightning's
+        restart adds one to its logging counter (``_batches_that_stepped``) for checkpoints
+        written before the counter moves; ours are written at an epoch's end, after it moved. With
+        one optimizer the counter equals ``global_step`` by definition, so it is set to that."""
+        loop = self.trainer.fit_loop.epoch_loop
+        if loop._batches_that_stepped != self.global_step and len(self.trainer.optimizers) == 1:
+            loop._batches_that_stepped = self.global_step
+
     def on_train_epoch_start(self) -> None:
         """The epoch's data order from the epoch number (Lightning's count is off after resume)."""
         loader = self.trainer.train_dataloader
