@@ -233,20 +233,14 @@ def check_objective(
     warn when the density makes the loss's importance weights heavy-tailed."""
     sampling = objective.noise_sampling
     if not isinstance(sampling, ScheduleTimes):
-        sampling.check(schedule)
-        if T > 0:
-            raise ValueError(
-                f"noise_sampling={sampling.name} draws continuous noise levels, but model.T={T} "
-                "is a T-step model that trains on its own steps; use noise_sampling=schedule "
-                "with model.T>0, or model.T=0 (continuous time) with any noise_sampling"
-            )
+        sampling.check(schedule, T)
         if isinstance(schedule, Learned):
             raise ValueError(
                 f"a learned schedule trains its shape through p(lambda) of t ~ U(0, 1), but "
                 f"noise_sampling={sampling.name} draws lambda without it; use "
                 "noise_sampling=schedule with schedule=learned, or a fixed schedule"
             )
-        if parameterization is not None and not isinstance(schedule, Learned):
+        if parameterization is not None:
             warn_heavy_tailed_weights(objective, schedule, parameterization)
     if getattr(schedule, "interior_objective", "elbo") == "variance":
         check_variance_objective(objective.weighting, T)
@@ -257,8 +251,10 @@ def warn_heavy_tailed_weights(
 ) -> None:
     """A warning (not an error: studying it is legitimate) when w / p is heavy-tailed."""
     spread = objective.importance_weight_spread(parameterization, schedule)
+    if spread <= HEAVY_TAILED_SPREAD:
+        return
     own = WeightedLoss(objective.weighting).importance_weight_spread(parameterization, schedule)
-    if spread > HEAVY_TAILED_SPREAD and spread > 10 * own:
+    if spread > 10 * own:
         rank_zero_warn(
             f"noise_sampling={objective.noise_sampling.name} with "
             f"weighting={objective.weighting.name}: the largest term of the loss estimate, "

@@ -77,8 +77,9 @@ class NoiseSampling:
         """log p(lambda) on the schedule's range."""
         raise NotImplementedError
 
-    def check(self, schedule: Schedule) -> None:
-        """Raise a ValueError, before training, when this density cannot serve ``schedule``."""
+    def check(self, schedule: Schedule, T: int = 0) -> None:
+        """Raise a ValueError, before training, when this density cannot serve ``schedule``
+        (and a model of T steps, T = 0: continuous time)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -153,24 +154,30 @@ class TruncatedNormalLogSNR(NoiseSampling):
             self._cache = (weakref.ref(schedule), bounds)
         return bounds
 
-    def check(self, schedule: Schedule) -> None:
-        """A clear error when the density puts no representable mass on the schedule's range."""
-        lam_0, lam_1 = schedule.endpoints
+    def check(self, schedule: Schedule, T: int = 0) -> None:
+        """A clear error for a T-step model (T > 0) or when the density puts no representable
+        mass on the schedule's range."""
+        self._refuse_steps(T)
         r = self._bounds(schedule)
         if not (r.cdf_hi > r.cdf_lo and math.isfinite(r.log_z)):
             raise ValueError(
                 f"noise_sampling={self.name} ({self!r}) puts no mass on the schedule's log-SNR "
-                f"range [{lam_1:g}, {lam_0:g}]; move its mean into the range"
+                f"range [{r.lam_min:g}, {r.lam_max:g}]; move its mean into the range"
+            )
+
+    def _refuse_steps(self, T: int) -> None:
+        """Continuous noise levels only: a T-step model (T > 0) trains on its own steps."""
+        if T > 0:
+            raise ValueError(
+                f"noise_sampling={self.name} draws continuous noise levels, but model.T={T} "
+                "is a T-step model that trains on its own steps; use noise_sampling=schedule "
+                "with model.T>0, or model.T=0 (continuous time) with any noise_sampling"
             )
 
     def from_uniform(self, schedule: Schedule, u: Tensor, T: int = 0) -> NoiseLevels:
         """lambda = mean + std Phi^-1(Phi(a) + u Z) (mirrored when flipped), clamped to the
         range, and 1/p = Z / N(lambda; mean, std^2)."""
-        if T > 0:
-            raise ValueError(
-                f"noise_sampling={self.name} draws continuous noise levels; a T-step model "
-                f"(model.T={T}) trains on its own steps: use noise_sampling=schedule"
-            )
+        self._refuse_steps(T)
         r = self._bounds(schedule)
         z = torch.special.ndtri(r.cdf_lo + u.to(torch.float64) * (r.cdf_hi - r.cdf_lo))
         lam = (self.mean + self.std * (-z if r.flipped else z)).clamp(r.lam_min, r.lam_max)
