@@ -17,6 +17,8 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
+from diffexp.cli import refusing_bad_input, run_cli
+from diffexp.config_checks import check_eval
 from diffexp.diffusion.elbo import elbo_terms
 from diffexp.diffusion.likelihood import ode_log_likelihood
 from diffexp.factory import build_sampler
@@ -315,9 +317,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    """Hydra entry point."""
-    evaluate(cfg)
+    """Hydra entry point: the config's values checked first, then the evaluation."""
+    with refusing_bad_input():
+        check_eval(cfg)
+        evaluate(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -9,6 +9,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from diffexp.cli import ConfigError
 from diffexp.diffusion.denoiser import Denoiser
 from diffexp.diffusion.elbo import gaussian_reconstruction_nll
 from diffexp.guidance import NoGuidance
@@ -26,10 +27,6 @@ DATA_INFO_KEYS = (
 
 # the data configs that carry labels (needed by guidance and by the noisy classifier)
 LABELLED_DATA = ("ring8", "grid25", "mixture1d", "moons", "digits", "digits16", "mnist", "cifar10")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot work, with a message saying how to fix it."""
 
 
 def build_datamodule(cfg_data: DictConfig) -> pl.LightningDataModule:

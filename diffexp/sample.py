@@ -14,6 +14,8 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
+from diffexp.cli import refusing_bad_input, run_cli
+from diffexp.config_checks import check_sample
 from diffexp.factory import build_sampler
 from diffexp.metrics.plots import plot_samples, save_image_grid
 from diffexp.runs import describe_guidance, guided_denoiser, load_model, sampling_labels
@@ -60,9 +62,11 @@ def sample(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
-    """Hydra entry point."""
-    sample(cfg)
+    """Hydra entry point: the config's values checked first, then the sampling."""
+    with refusing_bad_input():
+        check_sample(cfg)
+        sample(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -25,6 +25,7 @@ from diffexp.classifier_module import (
     NoisyClassifierModule,
     build_classifier_from_spec,
 )
+from diffexp.cli import refusing_bad_input, run_cli
 from diffexp.factory import LABELLED_DATA, ConfigError, build_datamodule
 from diffexp.networks.classifier import NoisyConvClassifier, NoisyMLPClassifier
 from diffexp.utils import (
@@ -183,8 +184,9 @@ def summary_line(metrics: dict[str, float], checkpoint: Path | None) -> str:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train_classifier")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the validation accuracy (for sweepers that optimize it)."""
-    return train_noisy_classifier(cfg).metrics.get("val/accuracy")
+    with refusing_bad_input():
+        return train_noisy_classifier(cfg).metrics.get("val/accuracy")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
+from diffexp.cli import refusing_bad_input, run_cli
 from diffexp.metrics.features import save_classifier, train_classifier
 
 __all__ = ["load_digits_images", "train_features", "upsample_nearest"]
@@ -77,8 +78,9 @@ def train_features(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(config_path="../conf", config_name="train_features", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
-    train_features(cfg)
+    with refusing_bad_input():
+        train_features(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

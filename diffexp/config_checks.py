@@ -1,0 +1,229 @@
+"""Checks of a composed config before any compute: a value of the wrong type or out of range is
+refused with the key, the value, the valid range and the fix (``ConfigError``).
+
+Only what the config alone decides is checked here (imports nothing heavy, runs in milliseconds);
+what needs the data or a checkpoint (shapes, labels, a stored config) is checked where those are
+loaded, still before training, evaluation or sampling starts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from diffexp.cli import ConfigError
+
+_ABSENT = object()
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``key`` must be ``kind`` (int, float, choice) within [low, high] (or one of ``allowed``)."""
+
+    key: str
+    kind: str  # "int" | "float" | "choice" | "bool"
+    low: float | None = None
+    high: float | None = None
+    high_open: bool = False
+    allowed: tuple[Any, ...] = ()
+    nullable: bool = False
+    fix: str = ""
+
+    def expected(self) -> str:
+        """The valid values in words."""
+        if self.kind == "choice":
+            text = "one of " + ", ".join(str(a) for a in self.allowed)
+        elif self.kind == "bool":
+            text = "true or false"
+        else:
+            noun = "an integer" if self.kind == "int" else "a number"
+            bounds = []
+            if self.low is not None:
+                bounds.append(f">= {_fmt(self.low)}")
+            if self.high is not None:
+                bounds.append(f"{'<' if self.high_open else '<='} {_fmt(self.high)}")
+            text = noun + (" " + " and ".join(bounds) if bounds else "")
+            if self.kind != "choice" and self.allowed:
+                text += " (or " + ", ".join(str(a) for a in self.allowed) + ")"
+        return text + (" or null" if self.nullable else "")
+
+    def problem(self, value: Any) -> str | None:
+        """None when ``value`` is valid, else the reason."""
+        if value is None:
+            return None if self.nullable else "must be set"
+        if self.kind == "choice":
+            return None if value in self.allowed else "is not a valid choice"
+        if self.kind == "bool":
+            return None if isinstance(value, bool) else "is not true or false"
+        if value in self.allowed and not isinstance(value, bool):
+            return None
+        number = _as_number(value, integer=self.kind == "int")
+        if number is None:
+            return f"is not {'an integer' if self.kind == 'int' else 'a number'}"
+        if self.low is not None and number < self.low:
+            return "is out of range"
+        if self.high is not None and (
+            number >= self.high if self.high_open else number > self.high
+        ):
+            return "is out of range"
+        return None
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _as_number(value: Any, integer: bool) -> float | None:
+    """``value`` as a finite number (an int when ``integer``), else None; bools are not numbers."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return float(value)
+    if isinstance(value, float):
+        if not math.isfinite(value) or (integer and not value.is_integer()):
+            return None
+        return value
+    return None
+
+
+def lookup(cfg: DictConfig, key: str) -> Any:
+    """The value at dotted ``key``; ``_ABSENT`` when the key or its group is not in the config."""
+    try:
+        value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{key} cannot be read: {err}") from err
+    return value
+
+
+def check_rules(cfg: DictConfig, rules: Sequence[Rule]) -> None:
+    """Refuse ``cfg`` when any rule fails: one paragraph naming every offending key."""
+    problems = []
+    for rule in rules:
+        value = lookup(cfg, rule.key)
+        if value is _ABSENT:
+            continue
+        reason = rule.problem(value)
+        if reason is not None:
+            fix = f" {rule.fix}" if rule.fix else ""
+            problems.append(f"{rule.key}={value!r} {reason}: expected {rule.expected()}.{fix}")
+    if problems:
+        raise ConfigError(" ".join(problems))
+
+
+def _sampler_rules(prefix: str = "sampler") -> list[Rule]:
+    return [
+        Rule(f"{prefix}.steps", "int", low=1, fix=f"Set {prefix}.steps=50, for example."),
+    ]
+
+
+TRAIN_RULES: tuple[Rule, ...] = (
+    Rule("seed", "int", low=0, fix="Set seed=0, for example."),
+    Rule(
+        "trainer.max_steps",
+        "int",
+        low=1,
+        allowed=(-1,),
+        fix="Set trainer.max_steps=6000 (the default), or -1 to stop after trainer.max_epochs.",
+    ),
+    Rule("trainer.max_epochs", "int", low=1, allowed=(-1,), nullable=True),
+    Rule(
+        "trainer.check_val_every_n_epoch",
+        "int",
+        low=1,
+        nullable=True,
+        fix="Set trainer.check_val_every_n_epoch=10 (the default).",
+    ),
+    Rule("trainer.log_every_n_steps", "int", low=1, fix="Set trainer.log_every_n_steps=50."),
+    Rule("trainer.devices", "int", low=1, allowed=(-1, "auto"), nullable=False),
+    Rule("trainer.num_nodes", "int", low=1),
+    Rule(
+        "model.T",
+        "int",
+        low=0,
+        fix="Use model.T=0 for continuous time or model.T=1000 for a 1000-step model.",
+    ),
+    Rule(
+        "model.ema_decay",
+        "float",
+        low=0.0,
+        high=1.0,
+        high_open=True,
+        nullable=True,
+        fix="Use model.ema_decay=0.999 (the default), or null (or 0) for no EMA.",
+    ),
+    Rule("model.schedule_lr", "float", low=0.0, nullable=True),
+    Rule("model.optimizer.lr", "float", low=0.0, fix="Set model.optimizer.lr=2e-3 (the default)."),
+    Rule("model.lr_scheduler.warmup_steps", "int", low=0),
+    Rule("model.lr_scheduler.final_frac", "float", low=0.0, high=1.0),
+    Rule("data.n_train", "int", low=1),
+    Rule("data.n_val", "int", low=1),
+    Rule("data.n_test", "int", low=1),
+    Rule("data.batch_size", "int", low=1, fix="Set data.batch_size=512, for example."),
+    Rule("data.eval_batch_size", "int", low=1),
+    Rule("callbacks.elbo.n_t", "int", low=1, fix="Set callbacks.elbo.n_t=64 (the default)."),
+    Rule("callbacks.samples.n", "int", low=1),
+    Rule("callbacks.samples.every_n_epochs", "int", low=0),
+    Rule(
+        "callbacks.last_checkpoint.every_n_train_steps",
+        "int",
+        low=1,
+        nullable=True,
+        fix="Set callbacks.last_checkpoint.every_n_train_steps=500 (the default), or null to "
+        "write last.ckpt only at the end of each epoch.",
+    ),
+    Rule("callbacks.last_checkpoint.every_n_minutes", "float", low=0.0, nullable=True),
+    *_sampler_rules(),
+    *_sampler_rules("callbacks.samples.sampler"),
+)
+
+EVAL_RULES: tuple[Rule, ...] = (
+    Rule("seed", "int", low=0, fix="Set seed=0, for example."),
+    Rule(
+        "split",
+        "choice",
+        allowed=("test", "val"),
+        fix="Use split=test (the default) or split=val.",
+    ),
+    Rule("n_t", "int", low=1, fix="Set n_t=64 (the default)."),
+    Rule("n_samples", "int", low=0, fix="Set n_samples=5000 (the default), or 0 to skip them."),
+    Rule("n_projections", "int", low=1),
+    Rule("batch_size", "int", low=1, fix="Set batch_size=2000 (the default)."),
+    Rule("steps", "int", low=1, nullable=True, fix="Set steps=50, or null for the sampler's own."),
+    Rule("label", "int", low=0, nullable=True),
+    Rule("use_ema", "bool"),
+    Rule("exact_loop", "bool"),
+    Rule("model.T", "int", low=0),
+    Rule("ode_likelihood.n_examples", "int", low=0),
+    Rule("estimators.n_repeats", "int", low=1),
+    *_sampler_rules(),
+)
+
+SAMPLE_RULES: tuple[Rule, ...] = (
+    Rule("seed", "int", low=0, fix="Set seed=0, for example."),
+    Rule("n_samples", "int", low=1, fix="Set n_samples=5000 (the default)."),
+    Rule("steps", "int", low=1, nullable=True, fix="Set steps=50, or null for the sampler's own."),
+    Rule("label", "int", low=0, nullable=True),
+    Rule("use_ema", "bool"),
+    Rule("model.T", "int", low=0),
+    *_sampler_rules(),
+)
+
+
+def check_train(cfg: DictConfig) -> None:
+    """Refuse a training config whose values are of the wrong type or out of range."""
+    check_rules(cfg, TRAIN_RULES)
+
+
+def check_eval(cfg: DictConfig) -> None:
+    """Refuse an evaluation config whose values are of the wrong type or out of range."""
+    check_rules(cfg, EVAL_RULES)
+
+
+def check_sample(cfg: DictConfig) -> None:
+    """Refuse a sampling config whose values are of the wrong type or out of range."""
+    check_rules(cfg, SAMPLE_RULES)
