@@ -20,12 +20,17 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from diffexp.data.datamodules import derive_seed
 from diffexp.diffusion.denoiser import Denoiser
 from diffexp.diffusion.elbo import ReconstructionNLL, gaussian_reconstruction_nll
 from diffexp.diffusion.loss import HEAVY_TAILED_SPREAD, LossOutput, WeightedLoss
 from diffexp.diffusion.noise_sampling import NoiseSampling, ScheduleTimes
 from diffexp.diffusion.schedules import Learned, Schedule
 from diffexp.diffusion.weighting import Weighting
+from diffexp.resume import data_position, start_next_epoch
+
+# the validation noise's seed stream (the data's streams are 0-4)
+_VALIDATION_STREAM = 101
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -76,6 +81,7 @@ class DiffusionModule(pl.LightningModule):
         check_objective(self.objective, denoiser.schedule, self.T, denoiser.parameterization)
         self._noise_generator: torch.Generator | None = None
         self._pending_noise_state: Tensor | None = None
+        self.validation_generator: torch.Generator | None = None
         self.ema: AveragedModel | None = None
         if ema_decay is not None and 0.0 < ema_decay < 1.0:
             self.ema = AveragedModel(
@@ -101,6 +107,14 @@ class DiffusionModule(pl.LightningModule):
             self._noise_generator = gen
         return self._noise_generator
 
+    def on_validation_epoch_start(self) -> None:
+        """Every validation draws the same noise (its own generator, seeded from the run's seed):
+        its numbers depend on the weights alone, so a resumed run validates as the
+        uninterrupted one did, and successive validations differ only by training."""
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(derive_seed(int(torch.initial_seed()) % 2**32, _VALIDATION_STREAM))
+        self.validation_generator = gen
+
     @property
     def schedule(self) -> Schedule:
         """The noise schedule being trained (or held fixed)."""
@@ -119,7 +133,7 @@ class DiffusionModule(pl.LightningModule):
         x0, y = split_batch(batch)
         if y is not None and training and self.p_uncond > 0:
             y = self.drop_labels(y)
-        gen = self.noise_generator if training else None
+        gen = self.noise_generator if training else self.validation_generator
         return self.objective(
             denoiser, x0, y, T=self.T, reconstruction_nll=self.reconstruction_nll, generator=gen
         )
@@ -185,6 +199,20 @@ class DiffusionModule(pl.LightningModule):
         if loop._batches_that_stepped != self.global_step and len(self.trainer.optimizers) == 1:
             loop._batches_that_stepped = self.global_step
 
+    def on_train_start(self) -> None:
+        """A run resumed inside an epoch continues that epoch's data where the checkpoint was
+        written (the loader restarts the epoch; its first batches are skipped)."""
+        trainer = self.trainer
+        sampler = getattr(trainer.train_dataloader, "sampler", None)
+        skip = data_position(
+            self.global_step,
+            self.current_epoch,
+            trainer.num_training_batches,
+            trainer.accumulate_grad_batches,
+        )
+        if skip and callable(getattr(sampler, "resume_at", None)):
+            sampler.resume_at(self.current_epoch, skip)
+
     def on_train_epoch_start(self) -> None:
         """The epoch's data order from the epoch number (Lightning's count is off after resume)."""
         loader = self.trainer.train_dataloader
@@ -192,7 +220,10 @@ class DiffusionModule(pl.LightningModule):
         if callable(getattr(sampler, "set_epoch", None)):
             sampler.set_epoch(self.current_epoch)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer's step, then the EMA's: before any callback's ``on_train_batch_end``, so
+        a checkpoint written there holds the EMA of the step it is labelled with."""
+        super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             self.ema.update_parameters(self.denoiser)
 
@@ -217,9 +248,14 @@ class DiffusionModule(pl.LightningModule):
         """Store the config (to rebuild the model) and the noise RNG (to resume exactly)."""
         checkpoint["diffexp_config"] = self.config
         checkpoint["noise_rng_state"] = self.noise_generator.get_state()
+        for logger in self.trainer.loggers if self._trainer is not None else ():
+            if type(logger).__name__ == "WandbLogger":  # a resumed run continues this W&B run
+                checkpoint["wandb_run_id"] = logger.version
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the noise RNG, so a resumed run draws the noise the uninterrupted one did."""
+        """Restore the noise RNG, so a resumed run draws the noise the uninterrupted one did; a
+        checkpoint written at an epoch's end resumes at the next epoch's start."""
+        start_next_epoch(checkpoint)
         state = checkpoint.get("noise_rng_state")
         if state is not None:
             self._pending_noise_state = state

@@ -3,37 +3,55 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
 import hydra
-import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
-from diffexp.factory import ConfigError, build_datamodule, build_module
-from diffexp.objectives import log_implied_weighting
-from diffexp.utils import (
-    log,
-    offline_wandb_by_default,
-    training_run,
-    write_json,
-)
+from diffexp.cli import ConfigError, refusing_bad_input, run_cli
+from diffexp.config_checks import check_train
+
+# Lightning, torch and the model are imported by ``train`` after the config is checked: a refusal
+# of a bad value takes a fraction of a second, not the seconds those imports cost.
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit the configured module, validate it once more, and return the final val metrics."""
-    offline_wandb_by_default()
+    """Fit the configured module, validate it once more, and return the final val metrics.
+
+    ``ckpt_path`` resumes (a file, or ``auto``: this run folder's last.ckpt when there is one);
+    a stop on a signal exits with ``diffexp.preemption.Interrupted`` after writing last.ckpt.
+    """
+    check_train(cfg)
     refuse_multirun_with_subprocess_ddp(cfg)
+    from diffexp.resume import plan_resume
+
+    plan = plan_resume(cfg)
+    import pytorch_lightning as pl
+
+    from diffexp.factory import build_datamodule, build_module
+    from diffexp.objectives import log_implied_weighting
+    from diffexp.utils import offline_wandb_by_default, training_run, write_json
+
+    offline_wandb_by_default()
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg.data)
     module = build_module(cfg, datamodule)
-    with training_run(cfg) as trainer:
-        if trainer.is_global_zero:
+    continuing = plan is not None and plan.same_folder
+    if continuing and plan.wandb_run_id and cfg.get("logger") and cfg.logger.get("wandb"):
+        with open_dict(cfg):
+            cfg.logger.wandb.id, cfg.logger.wandb.resume = plan.wandb_run_id, "allow"
+    kept_rows = csv_rows_before(cfg, plan.step) if continuing else None
+    with training_run(cfg, kept_csv_rows=kept_rows) as trainer:
+        if trainer.is_global_zero and plan is None:
             log_implied_weighting(module, datamodule.dim, trainer, Path(cfg.paths.output_dir))
         if module.has_trainable_parameters():
-            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            fit(trainer, module, datamodule, plan)
         else:
+            from diffexp.utils import log
+
             log.info(
                 "nothing to train (network=%s has no parameters): validating only",
                 cfg.network.get("_target_"),
@@ -46,6 +64,57 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 print(summary_line(metrics))
                 write_json(Path(cfg.paths.output_dir) / "summary.json", metrics)
     return metrics
+
+
+def fit(trainer: Any, module: Any, datamodule: Any, plan: Any) -> None:
+    """``trainer.fit``, resumed from ``plan``'s checkpoint; SIGTERM, SIGINT and SLURM's
+    preemption signal stop it at a step's end, and it exits with ``Interrupted``."""
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from diffexp.preemption import GracefulStop
+
+    stop = GracefulStop(trainer)
+    # a resume inside an epoch is exact here (the sampler skips the trained batches), whatever
+    # Lightning's generic warning about loaders that cannot save their position says
+    warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before")
+    try:
+        with stop.installed():
+            trainer.fit(
+                module,
+                datamodule=datamodule,
+                ckpt_path=str(plan.path) if plan is not None else None,
+                weights_only=True,
+            )
+    except SIGTERMException:
+        interrupted = stop.interrupted()
+        if trainer.is_global_zero:
+            print(interrupted_line(interrupted, Path(trainer.default_root_dir)), flush=True)
+        raise interrupted from None
+
+
+def interrupted_line(interrupted: Any, run_dir: Path) -> str:
+    """What happened and how to continue, for a run stopped on a signal."""
+    import signal
+
+    name = signal.Signals(interrupted.signum).name
+    then = (
+        "the SLURM job was requeued and resumes with ckpt_path=auto"
+        if interrupted.requeued
+        else f"resume with the same command plus hydra.run.dir={run_dir} ckpt_path=auto"
+    )
+    return f"stopped by {name} after step {interrupted.step}: last.ckpt written; {then}"
+
+
+def csv_rows_before(cfg: DictConfig, step: int) -> tuple[list[str], list[dict[str, str]]] | None:
+    """The CSV log's header and rows before ``step``, for a run continued in its own folder."""
+    from diffexp.resume import rows_before
+
+    csv_cfg = cfg.logger.get("csv") if cfg.get("logger") else None
+    if csv_cfg is None:
+        return None
+    version = csv_cfg.get("version")
+    folder = Path(csv_cfg.save_dir) / str(csv_cfg.get("name") or "") / str(version or "")
+    return rows_before(folder / "metrics.csv", step)
 
 
 def refuse_multirun_with_subprocess_ddp(cfg: DictConfig) -> None:
@@ -87,7 +156,8 @@ def summary_line(metrics: dict[str, float]) -> str:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns ``optimized_metric`` (for sweepers that optimize it)."""
-    return optimized_value(train(cfg), cfg.get("optimized_metric"))
+    with refusing_bad_input():
+        return optimized_value(train(cfg), cfg.get("optimized_metric"))
 
 
 def optimized_value(metrics: dict[str, float], name: str | None) -> float | None:
@@ -95,7 +165,7 @@ def optimized_value(metrics: dict[str, float], name: str | None) -> float | None
     if name is None:
         return None
     if name not in metrics:
-        raise KeyError(
+        raise ConfigError(
             f"optimized_metric={name!r} was not logged by this run; logged: "
             f"{', '.join(sorted(metrics)) or 'nothing (is validation disabled?)'}"
         )
@@ -103,4 +173,4 @@ def optimized_value(metrics: dict[str, float], name: str | None) -> float | None
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import logging
 import os
@@ -90,16 +91,49 @@ def closing_wandb() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def training_run(cfg: DictConfig) -> Iterator[Any]:
+def training_run(
+    cfg: DictConfig, kept_csv_rows: tuple[list[str], list[dict[str, str]]] | None = None
+) -> Iterator[Any]:
     """W&B tagged and closed afterwards; yields the Trainer with the configured loggers and
-    callbacks, the resolved config already logged to every logger."""
+    callbacks, the resolved config already logged to every logger. ``kept_csv_rows`` (header,
+    rows) start the CSV log of a run continued in its own folder."""
     tag_wandb(cfg)
     with closing_wandb():
         loggers = instantiate_all(cfg.get("logger"))
         callbacks = instantiate_all(cfg.get("callbacks"))
-        trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+        trainer = instantiate(
+            cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=trainer_plugins(cfg)
+        )
         log_config(loggers, cfg)
+        if kept_csv_rows is not None:
+            continue_csv_log(loggers, *kept_csv_rows)
         yield trainer
+
+
+def trainer_plugins(cfg: DictConfig) -> list[Any]:
+    """The configured plugins; on SLURM, Lightning's own requeue is off (``diffexp.preemption``
+    stops at a step's end, writes last.ckpt and requeues)."""
+    plugins = [instantiate(p) for p in cfg.trainer.get("plugins") or []]
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins
+
+
+def continue_csv_log(loggers: list[Any], header: list[str], rows: list[dict[str, str]]) -> None:
+    """Start each CSV logger's metrics.csv with the rows kept from before the resume point
+    (Lightning's CSV writer deletes the old file when it starts)."""
+    from pytorch_lightning.loggers import CSVLogger
+
+    for lg in loggers:
+        if isinstance(lg, CSVLogger) and rows:
+            writer = lg.experiment
+            with open(writer.metrics_file_path, "w", newline="") as f:
+                out = csv.DictWriter(f, fieldnames=header)
+                out.writeheader()
+                out.writerows(rows)
+            writer.metrics_keys = list(header)
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> Path:

@@ -34,3 +34,23 @@ class CrashAtStep:
                     raise RuntimeError(f"simulated crash at step {step}")
 
         return _Crash()
+
+
+class SignalAtStep:
+    """A callback that sends the process ``signal`` (a name: SIGTERM, SIGINT, SIGKILL, SIGUSR1)
+    when training reaches ``step``: a signal arriving in the middle of a step, at a known step."""
+
+    def __new__(cls, step: int, signal: str):
+        import os
+        import signal as signals
+
+        import pytorch_lightning as pl
+
+        signum = getattr(signals, signal)
+
+        class _Signal(pl.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if trainer.global_step == step:
+                    os.kill(os.getpid(), signum)
+
+        return _Signal()

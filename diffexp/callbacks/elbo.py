@@ -67,6 +67,7 @@ class ELBOMonitor(pl.Callback):
             n_t=self.n_t,
             exact=self.exact_loop and pl_module.T > 0,
             reconstruction_nll=pl_module.reconstruction_nll,
+            generator=getattr(pl_module, "validation_generator", None),
         )
         metrics = elbo_metrics(terms, x0[0].numel(), self.band_edges)
         datamodule = getattr(trainer, "datamodule", None)

@@ -69,11 +69,26 @@ class EpochShuffle(Sampler[int]):
 
 
 class EpochBatchSampler(BatchSampler):
-    """Batches of an ``EpochShuffle``, forwarding ``set_epoch`` to it."""
+    """Batches of an ``EpochShuffle``, forwarding ``set_epoch`` to it; ``resume_at`` makes the
+    next pass over an epoch start after the batches a resumed run already trained on."""
+
+    _resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Forward the epoch to the shuffling sampler."""
         self.sampler.set_epoch(epoch)
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        """The next pass, if it is over ``epoch``, skips that epoch's first ``batches`` batches."""
+        self._resume = (int(epoch), int(batches))
+
+    def __iter__(self):
+        resume, self._resume = self._resume, None
+        batches = super().__iter__()
+        if resume is not None and resume[0] == self.sampler.epoch:
+            for _ in range(resume[1]):
+                next(batches, None)
+        yield from batches
 
 
 def shuffled_batches(ds: Dataset, batch_size: int, seed: int) -> DataLoader:
