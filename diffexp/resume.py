@@ -170,9 +170,16 @@ def plan_resume(cfg: DictConfig) -> ResumePlan | None:
     is none yet), checked before any compute: a readable diffexp checkpoint whose stored config
     differs from ``cfg`` only where ``MAY_CHANGE_ON_RESUME`` allows."""
     value = cfg.get("ckpt_path")
-    if value is None or value == "":
-        return None
     run_dir = Path(cfg.paths.output_dir)
+    if value is None or value == "":
+        existing = newest_last_checkpoint(run_dir)
+        if existing is not None:  # e.g. a requeued job whose command lacks ckpt_path=auto
+            raise ConfigError(
+                f"paths.output_dir={run_dir} already holds a run ({existing}), and ckpt_path=null "
+                "would start a fresh run over its checkpoints. Resume it with ckpt_path=auto, or "
+                "start the new run in another folder (hydra.run.dir=<new folder>)."
+            )
+        return None
     if value == "auto":
         path = newest_last_checkpoint(run_dir)
         if path is None:

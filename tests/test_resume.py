@@ -21,18 +21,17 @@ ENV.update(WANDB_MODE="offline", OMP_NUM_THREADS="1")
 SMALL = [
     "data.n_train=2048",
     "trainer.log_every_n_steps=1",
-    "logger=csv",
     "callbacks.elbo.n_t=2",
     "callbacks.samples.every_n_epochs=0",
     "trainer.enable_progress_bar=false",
 ]
 
 
-def _train(args: list[str], code: int = 0) -> subprocess.CompletedProcess:
+def _train(args: list[str], code: int = 0, env: dict | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", "diffexp.train", *SMALL, *args],
         cwd=ROOT,
-        env=ENV,
+        env={**ENV, **(env or {})},
         capture_output=True,
         text=True,
         timeout=600,
@@ -41,10 +40,10 @@ def _train(args: list[str], code: int = 0) -> subprocess.CompletedProcess:
     return proc
 
 
-def _log(run_dir: Path) -> tuple[dict[int, float], list[int]]:
-    """train/loss by step (each step logged once) and the steps validation was logged at."""
+def _log(run_dir: Path) -> tuple[dict[int, float], dict[int, float]]:
+    """train/loss and val/elbo_nats by step (each logged once a step)."""
     losses: dict[int, float] = {}
-    validations = []
+    validations: dict[int, float] = {}
     with (run_dir / "csv" / "metrics.csv").open() as f:
         for row in csv.DictReader(f):
             step = int(row["step"])
@@ -52,7 +51,8 @@ def _log(run_dir: Path) -> tuple[dict[int, float], list[int]]:
                 assert step not in losses, f"step {step} logged twice"
                 losses[step] = float(row["train/loss"])
             if row.get("val/elbo_nats"):
-                validations.append(step)
+                assert step not in validations, f"validation at step {step} logged twice"
+                validations[step] = float(row["val/elbo_nats"])
     return losses, validations
 
 
@@ -66,7 +66,9 @@ def _assert_same_run(full: Path, resumed: Path) -> None:
     assert sorted(losses) == sorted(expected), "the resumed run logged other steps"
     for step, loss in expected.items():  # by step number, not by position
         assert losses[step] == pytest.approx(loss, abs=1e-6), (step, loss, losses[step])
-    assert validations == expected_val
+    assert sorted(validations) == sorted(expected_val)  # the same steps, the same numbers
+    for step, elbo in expected_val.items():
+        assert validations[step] == pytest.approx(elbo, abs=1e-6), (step, elbo, validations[step])
     assert _checkpoints(resumed) == _checkpoints(full)
     summary = (resumed / "summary.json").read_text()
     assert summary == (full / "summary.json").read_text()
@@ -78,10 +80,15 @@ def _global_step(ckpt: Path) -> int:
 
 CASES = {
     # the default callbacks: validation every 10 epochs (40 steps here); SIGTERM mid-epoch
-    "default-sigterm": ([], "SIGTERM", 22, 143),
+    "default-sigterm": (["logger=default"], "SIGTERM", 22, 143),
     # validation every epoch, a learned schedule, Ctrl-C on an epoch's last batch
     "learned-sigint": (
-        ["schedule=learned", "trainer.check_val_every_n_epoch=1", "+trainer.limit_val_batches=1"],
+        [
+            "logger=csv",
+            "schedule=learned",
+            "trainer.check_val_every_n_epoch=1",
+            "+trainer.limit_val_batches=1",
+        ],
         "SIGINT",
         19,
         130,
@@ -126,10 +133,53 @@ def test_stopped_and_resumed_run_is_the_uninterrupted_run(tmp_path, case):
         assert not (cut / "summary.json").exists()
     _train([*common, f"hydra.run.dir={cut}", "ckpt_path=auto"])
     _assert_same_run(full, cut)
+    if "logger=default" in overrides:  # the resumed process continued the same W&B run
+        run_id = torch.load(last, map_location="cpu", weights_only=True)["wandb_run_id"]
+        runs = [p.name for p in (cut / "wandb").glob("offline-run-*")]
+        assert len(runs) == 2 and all(name.endswith(run_id) for name in runs), (run_id, runs)
+
+
+def test_slurm_preemption_checkpoints_requeues_and_resumes(tmp_path):
+    """SLURM's signal before the time limit (USR1 here; submitit sends USR2): last.ckpt, exit
+    138, ``scontrol requeue <job>``; the requeued command (ckpt_path=auto) continues the run.
+    A fake ``scontrol`` records its call; a real cluster cannot be tested here."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol.log"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {
+        "PATH": f"{bin_dir}{os.pathsep}{ENV['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "train",
+        "SLURM_NTASKS": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "localhost",
+    }
+    run = tmp_path / "run"
+    args = ["trainer.max_steps=16", "logger=csv", f"hydra.run.dir={run}", "ckpt_path=auto"]
+    stopped = _train(
+        [
+            *args,
+            "+callbacks.signal._target_=tests.helpers.SignalAtStep",
+            "+callbacks.signal.step=9",
+            "+callbacks.signal.signal=SIGUSR1",
+        ],
+        code=128 + 10,
+        env=slurm,
+    )
+    assert "stopped by SIGUSR1 after step 10" in stopped.stdout
+    assert "requeued" in stopped.stdout
+    assert calls.read_text().split() == ["requeue", "4242"]
+    assert _global_step(run / "checkpoints" / "last.ckpt") == 10
+    _train(args, env={**slurm, "SLURM_RESTART_COUNT": "1"})
+    assert _global_step(run / "checkpoints" / "last.ckpt") == 16
+    assert sorted(_log(run)[0]) == list(range(16))
 
 
 def test_auto_starts_fresh_without_a_checkpoint(tmp_path):
     run = tmp_path / "run"
-    _train(["trainer.max_steps=4", f"hydra.run.dir={run}", "ckpt_path=auto"])
+    _train(["trainer.max_steps=4", "logger=csv", f"hydra.run.dir={run}", "ckpt_path=auto"])
     assert _global_step(run / "checkpoints" / "last.ckpt") == 4
     assert sorted(_log(run)[0]) == [0, 1, 2, 3]

@@ -173,6 +173,16 @@ def test_debug_fdr_exits_0_from_the_command_line(overrides, tmp_path):
     assert (tmp_path / "implied_weighting.png").is_file()
 
 
+DEBUG_OPTIONS = sorted(p.stem for p in (ROOT / "conf" / "debug").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("option", DEBUG_OPTIONS)
+def test_every_debug_option_exits_0_from_the_command_line(option, tmp_path):
+    proc = _run(["diffexp.train", f"debug={option}", f"hydra.run.dir={tmp_path}"], ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["edm", "rectified_flow"])
 def test_objective_presets_train_evaluate_and_sample_from_the_command_line(preset, tmp_path):
