@@ -1,16 +1,61 @@
 """Checkpoints written atomically: to a temporary file, fsynced, then renamed over the target.
 
 A crash or a full disk mid-write leaves the previous good checkpoint in place, never a partial one.
+A write that fails (a full disk shows up in torch as ``unexpected pos`` or ``file write failed``)
+raises ``CheckpointWriteError``: the path, the free space left there and the fix.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+# what torch's zip writer says when a write comes up short (typically: no space left)
+_SHORT_WRITE = ("unexpected pos", "file write failed", "no space left")
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (a full disk, mostly); the previous checkpoint is unchanged."""
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "unknown"
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if free < 1024 or unit == "GiB":
+            return f"{free:.0f} {unit}" if unit == "bytes" else f"{free:.1f} {unit}"
+        free /= 1024
+    return "unknown"  # pragma: no cover
+
+
+def write_failure(path: Path, err: BaseException, had_previous: bool) -> CheckpointWriteError:
+    """The error for a failed write of ``path``: whether the disk is full, the free space left,
+    what was kept and the fix."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+        s in str(err).lower() for s in _SHORT_WRITE
+    )
+    kept = (
+        f"The previous checkpoint {path} is unchanged."
+        if had_previous
+        else f"No checkpoint was written at {path}."
+    )
+    what = "the disk is full" if full else "the write failed"
+    return CheckpointWriteError(
+        errno.ENOSPC if full else (getattr(err, "errno", None) or errno.EIO),
+        f"cannot write checkpoint {path}: {what} ({text}); {_free_space(path.parent)} free on "
+        f"that disk. {kept} Free space there (old runs' checkpoints/*.ckpt, outputs/) or send "
+        "the run's output to a disk with room (hydra.run.dir=...), then resume from the last "
+        "checkpoint (ckpt_path=<its checkpoints/last.ckpt>).",
+    )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -25,12 +70,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
+        had_previous = path.is_file()
         try:
             with open(tmp, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except (OSError, RuntimeError) as err:
+            _remove(tmp)
+            raise write_failure(path, err, had_previous) from err
         finally:
-            if tmp.exists():
-                tmp.unlink()
+            _remove(tmp)
+
+
+def _remove(tmp: Path) -> None:
+    """Remove the temporary file if it is there (never fails: the write's error matters)."""
+    try:
+        if tmp.exists():
+            tmp.unlink()
+    except OSError:
+        pass

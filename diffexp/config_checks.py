@@ -100,10 +100,25 @@ def lookup(cfg: DictConfig, key: str) -> Any:
     return value
 
 
+def interpolated(cfg: DictConfig, key: str) -> bool:
+    """Whether ``key`` or one of its parents is an interpolation (``${...}``): its value is
+    checked where it is defined, not once more here."""
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return False
+        if OmegaConf.is_interpolation(node, part):
+            return True
+        node = node._get_node(part)
+    return False
+
+
 def check_rules(cfg: DictConfig, rules: Sequence[Rule]) -> None:
     """Refuse ``cfg`` when any rule fails: one paragraph naming every offending key."""
     problems = []
     for rule in rules:
+        if interpolated(cfg, rule.key):
+            continue
         value = lookup(cfg, rule.key)
         if value is _ABSENT:
             continue
@@ -118,6 +133,16 @@ def check_rules(cfg: DictConfig, rules: Sequence[Rule]) -> None:
 def _sampler_rules(prefix: str = "sampler") -> list[Rule]:
     return [
         Rule(f"{prefix}.steps", "int", low=1, fix=f"Set {prefix}.steps=50, for example."),
+    ]
+
+
+def _guidance_rules() -> list[Rule]:
+    return [
+        Rule(
+            "guidance.scale",
+            "float",
+            fix="Set guidance.scale=3.0 (classifier-free) or 1.0 (classifier), for example.",
+        ),
     ]
 
 
@@ -199,7 +224,10 @@ EVAL_RULES: tuple[Rule, ...] = (
     Rule("exact_loop", "bool"),
     Rule("model.T", "int", low=0),
     Rule("ode_likelihood.n_examples", "int", low=0),
+    Rule("ode_likelihood.rtol", "float", low=1e-12, fix="Set ode_likelihood.rtol=1e-5."),
+    Rule("ode_likelihood.atol", "float", low=1e-12, fix="Set ode_likelihood.atol=1e-5."),
     Rule("estimators.n_repeats", "int", low=1),
+    *_guidance_rules(),
     *_sampler_rules(),
 )
 
@@ -210,6 +238,7 @@ SAMPLE_RULES: tuple[Rule, ...] = (
     Rule("label", "int", low=0, nullable=True),
     Rule("use_ema", "bool"),
     Rule("model.T", "int", low=0),
+    *_guidance_rules(),
     *_sampler_rules(),
 )
 

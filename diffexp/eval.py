@@ -7,45 +7,33 @@ example, bits/dim), the true log-likelihood when the data knows it, and sample m
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig
-from torch import Tensor
 
 from diffexp.cli import refusing_bad_input, run_cli
 from diffexp.config_checks import check_eval
-from diffexp.diffusion.elbo import elbo_terms
-from diffexp.diffusion.likelihood import ode_log_likelihood
-from diffexp.factory import build_sampler
-from diffexp.metrics.elbo import elbo_metrics
-from diffexp.metrics.estimators import flatten, forms_report, schedules_report
-from diffexp.metrics.features import build_feature_extractor, classifier_accuracy, load_classifier
-from diffexp.metrics.fid import fid_kid
-from diffexp.metrics.plots import plot_samples, save_image_grid
-from diffexp.metrics.sample_kl import sample_kl
-from diffexp.metrics.sliced_wasserstein import sliced_wasserstein
-from diffexp.module import split_batch
-from diffexp.runs import (
-    LoadedModel,
-    describe_guidance,
-    guided_denoiser,
-    load_model,
-    sampling_labels,
-)
-from diffexp.utils import log, write_json
+from diffexp.runs import check_request
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from diffexp.runs import LoadedModel
+
+# torch, Lightning and the metrics are imported where they are used: a refusal of the command
+# line (config_checks, runs.check_request) comes before them, in about a second
 
 
 def _mean_se(values: list[Tensor]) -> tuple[float, float]:
+    import torch
+
     v = torch.cat(values).double()
     return v.mean().item(), (v.std().item() / math.sqrt(v.numel()) if v.numel() > 1 else math.nan)
 
 
-@torch.no_grad()
 def split_loader(model: LoadedModel, split: str) -> Any:
     """The loader of the evaluated split (test, else validation), its data set up."""
     dm = model.datamodule
@@ -55,6 +43,8 @@ def split_loader(model: LoadedModel, split: str) -> Any:
 
 def split_batches(model: LoadedModel, cfg: DictConfig) -> Iterator[tuple[Tensor, Tensor | None]]:
     """The evaluated split's batches as (x0, y) on ``cfg.device`` (y None when unlabelled)."""
+    from diffexp.module import split_batch
+
     for batch in split_loader(model, cfg.split):
         x0, y = split_batch(batch)
         yield x0.to(cfg.device), (None if y is None else y.to(cfg.device))
@@ -62,6 +52,11 @@ def split_batches(model: LoadedModel, cfg: DictConfig) -> Iterator[tuple[Tensor,
 
 def elbo_report(model: LoadedModel, cfg: DictConfig) -> dict[str, Any]:
     """ELBO terms on the configured split, means and standard errors, nats and bits/dim."""
+    import torch
+
+    from diffexp.diffusion.elbo import elbo_terms
+    from diffexp.metrics.elbo import elbo_metrics
+
     dm = model.datamodule
     gen = torch.Generator(device=cfg.device).manual_seed(int(cfg.seed))
     per_example: dict[str, list[Tensor]] = {}
@@ -104,17 +99,53 @@ def elbo_report(model: LoadedModel, cfg: DictConfig) -> dict[str, Any]:
     return out
 
 
-@torch.no_grad()
-def sample_report(model: LoadedModel, cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
-    """Sliced Wasserstein to held-out data (and its floor), samples' true log-density, a plot."""
+def sample_report(
+    model: LoadedModel,
+    cfg: DictConfig,
+    out_dir: Path,
+    denoiser: nn.Module | None = None,
+    labels: Tensor | None = None,
+) -> dict[str, Any]:
+    """Sliced Wasserstein to held-out data (and its floor), samples' true log-density, a plot.
+
+    ``denoiser`` / ``labels``: the guided model and the labels to sample, as ``guided_denoiser``
+    and ``sampling_labels`` give them (made here when not given)."""
+    import torch
+
     n = int(cfg.n_samples)
     if n <= 0:
         return {}
+    if denoiser is None:
+        denoiser, labels = guided_model(model, cfg)
+    with torch.no_grad():
+        return _sample_report(model, cfg, out_dir, denoiser, labels)
+
+
+def guided_model(model: LoadedModel, cfg: DictConfig) -> tuple[nn.Module, Tensor | None]:
+    """The guided denoiser and the labels to sample (``n_samples`` of them), checked: a refusal
+    (guidance=cfg on an unconditional model, a label it cannot honour) comes before any
+    compute."""
+    from diffexp.runs import guided_denoiser, sampling_labels
+
+    denoiser = guided_denoiser(model, cfg)
+    return denoiser, sampling_labels(cfg, model, max(int(cfg.n_samples), 1), cfg.device)
+
+
+def _sample_report(
+    model: LoadedModel, cfg: DictConfig, out_dir: Path, denoiser: nn.Module, labels: Any
+) -> dict[str, Any]:
+    import torch
+
+    from diffexp.factory import build_sampler
+    from diffexp.metrics.plots import plot_samples
+    from diffexp.metrics.sample_kl import sample_kl
+    from diffexp.metrics.sliced_wasserstein import sliced_wasserstein
+    from diffexp.runs import describe_guidance
+
+    n = int(cfg.n_samples)
     dm = model.datamodule
     sampler = build_sampler(cfg.sampler, cfg.get("steps"))
-    denoiser = guided_denoiser(model, cfg)
     gen = torch.Generator(device=cfg.device).manual_seed(int(cfg.seed) + 1)
-    labels = sampling_labels(cfg, model, n, cfg.device)
     chunks, nfe = [], 0
     for start in range(0, n, int(cfg.batch_size)):
         size = min(int(cfg.batch_size), n - start)
@@ -158,6 +189,8 @@ def sample_report(model: LoadedModel, cfg: DictConfig, out_dir: Path) -> dict[st
 
 def label_accuracy(x: Tensor, labels: Tensor, model: LoadedModel, cfg: DictConfig) -> dict:
     """How often the data's feature classifier recognizes the requested label in the samples."""
+    from diffexp.metrics.features import classifier_accuracy, load_classifier
+
     data_cfg = model.config.data
     if (cfg.get("fid_features") or data_cfg.get("fid_features")) != "classifier":
         return {}
@@ -170,6 +203,14 @@ def image_report(
     x: Tensor, model: LoadedModel, cfg: DictConfig, out_dir: Path, sampler: Any, nfe: int
 ) -> dict[str, Any]:
     """FID / KID of the samples against the test split, and the FID between its two halves."""
+    import torch
+
+    from diffexp.metrics.features import build_feature_extractor
+    from diffexp.metrics.fid import fid_kid
+    from diffexp.metrics.plots import save_image_grid
+    from diffexp.module import split_batch
+    from diffexp.utils import log
+
     dm = model.datamodule
     data_cfg = model.config.data
     kind = cfg.get("fid_features") or data_cfg.get("fid_features")
@@ -216,6 +257,10 @@ def image_report(
 
 def ode_likelihood_report(model: LoadedModel, cfg: DictConfig) -> dict[str, Any]:
     """Exact log-likelihood through the probability-flow ODE on the first examples of the split."""
+    import torch
+
+    from diffexp.diffusion.likelihood import ode_log_likelihood
+
     n = int(cfg.ode_likelihood.n_examples)
     if n <= 0:
         return {}
@@ -251,6 +296,10 @@ def ode_likelihood_report(model: LoadedModel, cfg: DictConfig) -> dict[str, Any]
 
 def estimators_report(model: LoadedModel, cfg: DictConfig) -> dict[str, Any]:
     """Spread of one-sample ELBO estimators: the two forms at each T, and other schedules."""
+    import torch
+
+    from diffexp.metrics.estimators import flatten, forms_report, schedules_report
+
     est = cfg.get("estimators") or {}
     steps, names = list(est.get("forms_T") or []), list(est.get("schedules") or [])
     if not steps and not names:
@@ -278,11 +327,22 @@ def estimators_report(model: LoadedModel, cfg: DictConfig) -> dict[str, Any]:
     return report
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Run the evaluation described by ``cfg`` and write metrics.json; returns the metrics."""
-    pl.seed_everything(int(cfg.seed), verbose=False)
+def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Run the evaluation described by ``cfg`` and write metrics.json; returns the metrics.
+
+    ``overrides``: the command line's (Hydra's task overrides); one of what the checkpoint defines
+    (data, network, schedule, ...) that differs from its stored config is refused. Everything that
+    can be refused is, right after the model is loaded and before any compute.
+    """
+    from diffexp.runs import load_model
+
     out_dir = Path(cfg.paths.output_dir)
-    model = load_model(cfg, device=cfg.device)
+    model = load_model(
+        cfg, device=cfg.device, overrides=overrides, need_data=True, seed=int(cfg.seed)
+    )
+    denoiser, labels = guided_model(model, cfg)
+    from diffexp.utils import log, write_json
+
     log_snr_max, log_snr_min = model.denoiser.schedule.endpoints
     metrics: dict[str, Any] = {
         "source": model.source,
@@ -299,7 +359,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics.update(elbo_report(model, cfg))
     metrics.update(ode_likelihood_report(model, cfg))
     metrics.update(estimators_report(model, cfg))
-    metrics.update(sample_report(model, cfg, out_dir))
+    metrics.update(sample_report(model, cfg, out_dir, denoiser, labels))
     path = write_json(out_dir / "metrics.json", metrics)
     log.info("wrote %s", path)
     print(
@@ -320,7 +380,15 @@ def main(cfg: DictConfig) -> None:
     """Hydra entry point: the config's values checked first, then the evaluation."""
     with refusing_bad_input():
         check_eval(cfg)
-        evaluate(cfg)
+        check_request(cfg)
+        evaluate(cfg, overrides=task_overrides())
+
+
+def task_overrides() -> list[str]:
+    """The command line's overrides of the running Hydra job (none outside one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 if __name__ == "__main__":

@@ -29,10 +29,26 @@ DATA_INFO_KEYS = (
 LABELLED_DATA = ("ring8", "grid25", "mixture1d", "moons", "digits", "digits16", "mnist", "cifar10")
 
 
-def build_datamodule(cfg_data: DictConfig) -> pl.LightningDataModule:
-    """The data module of ``cfg.data`` (without its informational keys)."""
+def build_datamodule(cfg_data: DictConfig, require_files: bool = False) -> pl.LightningDataModule:
+    """The data module of ``cfg.data`` (without its informational keys).
+
+    ``require_files``: refuse now (a ``ConfigError`` naming ``data.data_dir`` and the expected
+    files) when the data set's files are absent and ``data.download`` is false, rather than when
+    the data is loaded; the data module is built without them otherwise (its shape is known).
+    """
     kwargs = {k: v for k, v in cfg_data.items() if k not in DATA_INFO_KEYS}
-    return instantiate(OmegaConf.create(kwargs))
+    datamodule = instantiate(OmegaConf.create(kwargs))
+    if require_files:
+        require_data_files(datamodule)
+    return datamodule
+
+
+def require_data_files(datamodule: Any) -> None:
+    """Refuse a data module whose files are absent and will not be downloaded (data sets read
+    from files only: MNIST, CIFAR-10)."""
+    check = getattr(datamodule, "require_files", None)
+    if callable(check):
+        check()
 
 
 def build_guidance(cfg: DictConfig, datamodule: Any) -> Any:
@@ -67,6 +83,13 @@ def build_network(
             conditional=conditional,
         )
     shape = tuple(datamodule.shape)
+    if "dim" in cfg_network and len(shape) != 1:  # a network for vectors, such as the MLP
+        name = getattr(datamodule, "name", "") or type(datamodule).__name__
+        raise ConfigError(
+            f"network={_short(cfg_network)} takes vectors [batch, dim], but data={name} gives "
+            f"images of shape {shape}. Use an image network: network=unet_small (small images "
+            "such as digits) or network=unet."
+        )
     from_data = {
         "dim": lambda: datamodule.dim,
         "in_channels": lambda: shape[0],
@@ -77,6 +100,11 @@ def build_network(
         k: get() for k, get in from_data.items() if k in cfg_network and cfg_network[k] is None
     }
     return instantiate(cfg_network, **kwargs)
+
+
+def _short(cfg_network: DictConfig) -> str:
+    """The option name of a network config, as on the command line (network=mlp)."""
+    return str(cfg_network.get("_target_", "?")).rsplit(".", 1)[-1].lower()
 
 
 def _square_size(shape: tuple[int, ...]) -> int:
@@ -94,11 +122,21 @@ def build_denoiser(cfg: DictConfig, datamodule: Any) -> Denoiser:
     schedule = instantiate(cfg.schedule)
     parameterization = instantiate(cfg.parameterization)
     guidance = build_guidance(cfg, datamodule)
-    network = build_network(
-        cfg.network, datamodule, parameterization, conditional=guidance.conditional_network
-    )
-    denoiser = Denoiser(network, parameterization, schedule)
-    check_shapes(denoiser, tuple(datamodule.shape))
+    try:
+        network = build_network(
+            cfg.network, datamodule, parameterization, conditional=guidance.conditional_network
+        )
+        denoiser = Denoiser(network, parameterization, schedule)
+        check_shapes(denoiser, tuple(datamodule.shape))
+    except ConfigError as err:
+        # absent data files come first: the network is fixed for data that is there
+        try:
+            require_data_files(datamodule)
+        except ConfigError as missing:
+            raise type(missing)(
+                f"{missing} (Once the data is there, this is refused too: {err})"
+            ) from err
+        raise
     return denoiser
 
 

@@ -4,16 +4,56 @@ Each option is a small spec with a ``_target_``: ``NoGuidance``, ``CFG`` (classi
 ``ClassifierGuided``. ``wrap(denoiser)`` returns the Denoiser that samplers and metrics use.
 Convention (classifier-free): eps = w eps(x_t, y) + (1 - w) eps(x_t, null), so w = 0 is the
 unconditional model, w = 1 the conditional one, w > 1 sharpens.
+
+Importing this module costs nothing (torch is imported where a denoiser is wrapped), so the
+entry points can check ``guidance.classifier`` before loading anything.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from diffexp.cli import ConfigError
 
-from diffexp.diffusion.denoiser import Denoiser
-from diffexp.diffusion.guidance import ClassifierFreeGuidance, ClassifierGuidance
+if TYPE_CHECKING:
+    from torch import nn
+
+    from diffexp.diffusion.denoiser import Denoiser
+
+TRAIN_CLASSIFIER = "python -m diffexp.train_classifier data=<the model's data>"
+
+
+def check_classifier_option(classifier: Any) -> None:
+    """Refuse a ``guidance.classifier`` that is neither ``oracle`` nor an existing checkpoint (or
+    a classifier run folder)."""
+    if classifier is None or not str(classifier).strip():
+        raise ConfigError(
+            f"guidance.classifier={'null' if classifier is None else repr(classifier)}: "
+            "guidance=classifier needs a noisy classifier: "
+            "expected oracle (the exact classifier of a Gaussian-mixture data set such as ring8) "
+            f"or the path of a classifier checkpoint made by `{TRAIN_CLASSIFIER}` (its "
+            "checkpoints/last.ckpt, or its run folder). Set guidance.classifier=oracle, or "
+            "guidance.classifier=<checkpoint>."
+        )
+    if str(classifier) == "oracle":
+        return
+    path = Path(str(classifier)).expanduser()
+    if path.is_dir():
+        if not (path / "checkpoints" / "last.ckpt").is_file():
+            raise ConfigError(
+                f"guidance.classifier={classifier}: the folder has no checkpoints/last.ckpt. "
+                f"Pass a classifier run folder or checkpoint made by `{TRAIN_CLASSIFIER}`, or "
+                "guidance.classifier=oracle for a Gaussian-mixture data set."
+            )
+        return
+    if not path.is_file():
+        raise ConfigError(
+            f"guidance.classifier={classifier}: no such file. Expected oracle (Gaussian-mixture "
+            "data) or a classifier checkpoint (or run folder) made by "
+            f"`{TRAIN_CLASSIFIER}`; it writes <run folder>/checkpoints/last.ckpt."
+        )
 
 
 @dataclass
@@ -44,6 +84,8 @@ class CFG:
 
     def wrap(self, denoiser: Denoiser) -> nn.Module:
         """w eps(x_t, y) + (1 - w) eps(x_t, null), null = the network's num_classes."""
+        from diffexp.diffusion.guidance import ClassifierFreeGuidance
+
         return ClassifierFreeGuidance(denoiser, self.scale, null_label=denoiser.network.num_classes)
 
 
@@ -55,7 +97,7 @@ class ClassifierGuided:
     exact classifier of a Gaussian-mixture data set.
     """
 
-    classifier: str = "oracle"
+    classifier: str | None = "oracle"
     scale: float = 1.0
     needs_labels = True
     conditional_network = False
@@ -63,15 +105,18 @@ class ClassifierGuided:
 
     def wrap(self, denoiser: Denoiser, mixture=None) -> nn.Module:
         """score + w grad log p_phi(y | x_t)."""
+        from diffexp.diffusion.guidance import ClassifierGuidance
+
         return ClassifierGuidance(denoiser, self.load_classifier(mixture), self.scale)
 
     def load_classifier(self, mixture=None) -> nn.Module:
         """The noisy classifier: the mixture's exact one, or a trained checkpoint."""
+        check_classifier_option(self.classifier)
         if self.classifier == "oracle":
             if mixture is None:
-                raise ValueError(
-                    "guidance.classifier=oracle needs a Gaussian-mixture data set; train a "
-                    "classifier with `python -m diffexp.train_classifier data=...` and pass "
+                raise ConfigError(
+                    "guidance.classifier=oracle needs a Gaussian-mixture data set (ring8, grid25, "
+                    f"mixture1d); train a classifier with `{TRAIN_CLASSIFIER}` and pass "
                     "guidance.classifier=<its checkpoints/last.ckpt>"
                 )
             from diffexp.networks.oracle import OracleClassifier
@@ -79,4 +124,4 @@ class ClassifierGuided:
             return OracleClassifier(mixture)
         from diffexp.classifier_module import load_noisy_classifier
 
-        return load_noisy_classifier(self.classifier)
+        return load_noisy_classifier(str(self.classifier))

@@ -6,37 +6,47 @@ output folder. ``sampler=...``, ``steps=...``, ``guidance=cfg guidance.scale=...
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
-import numpy as np
-import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig
 
 from diffexp.cli import refusing_bad_input, run_cli
 from diffexp.config_checks import check_sample
-from diffexp.factory import build_sampler
-from diffexp.metrics.plots import plot_samples, save_image_grid
-from diffexp.runs import describe_guidance, guided_denoiser, load_model, sampling_labels
-from diffexp.utils import log
+from diffexp.runs import check_request
+
+# torch, Lightning and the samplers are imported in ``sample``: a refusal of the command line
+# (config_checks, runs.check_request) comes before them, in about a second
 
 
-@torch.no_grad()
-def sample(cfg: DictConfig) -> Path:
-    """Sample from the model described by ``cfg``; returns the path of samples.npz."""
-    pl.seed_everything(int(cfg.seed), verbose=False)
+def sample(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
+    """Sample from the model described by ``cfg``; returns the path of samples.npz.
+
+    ``overrides``: the command line's (Hydra's task overrides); one of what the checkpoint defines
+    that differs from its stored config is refused, before any compute.
+    """
+    from diffexp.runs import describe_guidance, guided_denoiser, load_model, sampling_labels
+
     out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = load_model(cfg, device=cfg.device)
+    model = load_model(cfg, device=cfg.device, overrides=overrides, seed=int(cfg.seed))
+    import numpy as np
+    import torch
+
+    from diffexp.factory import build_sampler
+    from diffexp.metrics.plots import plot_samples, save_image_grid
+    from diffexp.utils import log
+
     sampler = build_sampler(cfg.sampler, cfg.get("steps"))
     denoiser = guided_denoiser(model, cfg)
-    gen = torch.Generator(device=cfg.device).manual_seed(int(cfg.seed))
     n = int(cfg.n_samples)
     y = sampling_labels(cfg, model, n, cfg.device)
-    result = sampler.sample(
-        denoiser, (n, *model.datamodule.shape), y=y, generator=gen, device=cfg.device
-    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator(device=cfg.device).manual_seed(int(cfg.seed))
+    with torch.no_grad():
+        result = sampler.sample(
+            denoiser, (n, *model.datamodule.shape), y=y, generator=gen, device=cfg.device
+        )
     x = result.x.cpu()
     path = out_dir / "samples.npz"
     extra = {} if y is None else {"y": y.cpu().numpy()}
@@ -60,12 +70,20 @@ def sample(cfg: DictConfig) -> Path:
     return path
 
 
+def task_overrides() -> list[str]:
+    """The command line's overrides of the running Hydra job (none outside one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: the config's values checked first, then the sampling."""
     with refusing_bad_input():
         check_sample(cfg)
-        sample(cfg)
+        check_request(cfg)
+        sample(cfg, overrides=task_overrides())
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def test_labels_list_is_cycled(tmp_path):
     )
     assert np.load(sample(cfg))["y"].tolist() == [1, 6, 1, 6, 1, 6]
     bad = _cfg("sample", ["guidance=classifier", "label=9", "n_samples=2"], tmp_path)
-    with pytest.raises(ConfigError, match="not classes"):
+    with pytest.raises(ConfigError, match="label=9: 9 is not a class of this data"):
         sample(bad)
 
 
@@ -119,3 +119,22 @@ def test_estimator_report_rejects_unknown_schedules(tmp_path):
 def test_steps_overrides_the_samplers_number_of_steps(tmp_path):
     cfg = _cfg("eval", ["n_t=1", "n_samples=64", "sampler=ddim", "steps=7"], tmp_path)
     assert evaluate(cfg)["nfe"] == 7  # DDIM: one network evaluation per step
+
+
+def test_a_label_for_an_unconditional_unguided_model_is_refused(tmp_path):
+    cfg = _cfg("sample", ["label=3", "n_samples=4"], tmp_path)
+    with pytest.raises(ConfigError, match="label=3 .* unconditional"):
+        sample(cfg)
+    assert not (tmp_path / "samples.npz").exists()
+
+
+def test_guidance_is_checked_before_the_elbo(tmp_path, monkeypatch):
+    import diffexp.eval as eval_module
+
+    def no_elbo(*args, **kwargs):
+        raise AssertionError("the ELBO ran before the refusal")
+
+    monkeypatch.setattr(eval_module, "elbo_report", no_elbo)
+    cfg = _cfg("eval", ["guidance=classifier", "labels=[8]", "n_t=1"], tmp_path)
+    with pytest.raises(ConfigError, match=r"labels=\[8\]: 8 is not a class"):
+        evaluate(cfg)

@@ -277,3 +277,36 @@ def test_download_without_network_fails_fast_and_clearly(tmp_path, cls, folder):
     assert "downloading failed" in str(err.value) and str(tmp_path / folder) in str(err.value)
     with pytest.raises(FileNotFoundError):  # setup tries again and fails the same way
         dm.setup("fit")
+
+
+@pytest.mark.parametrize(
+    "cls,folder", [(MNISTDataModule, "MNIST/raw"), (CIFAR10DataModule, "cifar-10-batches-py")]
+)
+def test_absent_files_are_a_config_error_naming_data_dir_when_required(tmp_path, cls, folder):
+    from diffexp.cli import ConfigError
+    from diffexp.data.images import MissingDataError
+
+    dm = cls(str(tmp_path / "nowhere"), download=False)
+    with pytest.raises(ConfigError) as err:
+        dm.require_files()
+    assert isinstance(err.value, MissingDataError) and isinstance(err.value, FileNotFoundError)
+    message = str(err.value)
+    assert message.startswith(f"data.data_dir={tmp_path / 'nowhere'}")
+    assert str(tmp_path / "nowhere" / folder) in message and dm.files[0] in message
+    cls(str(tmp_path / "nowhere"), download=True).require_files()  # prepare_data will fetch
+
+
+def test_build_datamodule_requires_the_files_only_when_asked(tmp_path):
+    from omegaconf import OmegaConf
+
+    from diffexp.data.images import MissingDataError
+    from diffexp.factory import build_datamodule
+
+    cfg = OmegaConf.create(
+        {"_target_": "diffexp.data.images.MNISTDataModule", "data_dir": str(tmp_path)}
+    )
+    assert build_datamodule(cfg).shape == (1, 32, 32)  # the shape is known without the files
+    with pytest.raises(MissingDataError, match="data.data_dir"):
+        build_datamodule(cfg, require_files=True)
+    _fake_mnist(tmp_path)
+    build_datamodule(cfg, require_files=True)

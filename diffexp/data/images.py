@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
+from diffexp.cli import ConfigError
 from diffexp.data.datamodules import TensorBatchDataset, _identity, derive_seed, shuffled_batches
 from diffexp.diffusion.discretized import DiscretizedGaussianNLL
 
@@ -38,6 +39,7 @@ __all__ = [
     "ImageDataModule",
     "LevelBatchDataset",
     "MNISTDataModule",
+    "MissingDataError",
     "levels_to_unit",
 ]
 
@@ -327,13 +329,21 @@ class DigitsDataModule(ImageDataModule):
 
 
 # ---------------------------------------------------------------------- files on disk
-def _missing_files_error(dataset: str, folder: Path, files: Sequence[str], why: str) -> str:
-    """The message of a FileNotFoundError for absent data files: where, and how to get them."""
-    return (
-        f"{dataset} not found: {why}. Expected the files {', '.join(files)} in {folder}/ . "
-        f"Either set data.download=true on a machine with internet access (they are saved "
-        f"there), or copy the files into that folder (or point data.data_dir / paths.data_dir "
-        f"at the folder that holds them)."
+class MissingDataError(ConfigError, FileNotFoundError):
+    """The files of a data set are not where ``data.data_dir`` points (and are not downloaded)."""
+
+
+def _missing_files_error(
+    dataset: str, data_dir: Path, folder: Path, files: Sequence[str], why: str
+) -> MissingDataError:
+    """The error for absent data files: the key, where, which files and how to get them."""
+    folder, where = Path(os.path.abspath(folder)), os.path.abspath(data_dir)
+    shown = f"{data_dir} ({where})" if str(data_dir) != where else where
+    return MissingDataError(
+        f"data.data_dir={shown}: {dataset} not found: {why}. Expected the files "
+        f"{', '.join(files)} in {folder}/ . Either set data.download=true on a machine with "
+        f"internet access (they are saved there), or copy the files into that folder (or point "
+        f"data.data_dir / paths.data_dir at the folder that holds them)."
     )
 
 
@@ -374,27 +384,47 @@ class _FileImageDataModule(ImageDataModule):
             with _socket_timeout(_DOWNLOAD_TIMEOUT_S):
                 self._fetch()
         except Exception as err:  # no network, a dead mirror, a bad checksum
-            raise FileNotFoundError(
-                _missing_files_error(
-                    self.dataset_name, self.folder, self.files, f"downloading failed ({err})"
-                )
+            raise _missing_files_error(
+                self.dataset_name,
+                self.data_dir,
+                self.folder,
+                self.files,
+                f"downloading failed ({err})",
             ) from err
         if not self._present():
-            raise FileNotFoundError(
-                _missing_files_error(
-                    self.dataset_name, self.folder, self.files, "files absent after downloading"
-                )
+            raise _missing_files_error(
+                self.dataset_name,
+                self.data_dir,
+                self.folder,
+                self.files,
+                "files absent after downloading",
             )
 
+    def missing_files(self) -> list[str]:
+        """The expected files that are not in ``folder`` (none: the data can be loaded)."""
+        self._present()  # unpacks what it can
+        return [f for f in self.files if not (self.folder / f).is_file()]
+
+    def require_files(self) -> None:
+        """Refuse now (``MissingDataError``, a ``ConfigError``) when files are absent and will not
+        be downloaded; with ``download`` set, ``prepare_data`` fetches them later."""
+        if self.download or self._present():
+            return
+        missing = self.missing_files()
+        if not self.folder.is_dir():
+            why = "data.download is false and that folder does not exist"
+        else:
+            verb = "is" if len(missing) == 1 else "are"
+            why = f"data.download is false and {', '.join(missing)} {verb} missing"
+        raise _missing_files_error(self.dataset_name, self.data_dir, self.folder, self.files, why)
+
     def _require_files(self) -> None:
-        """Download when asked and needed, then raise FileNotFoundError if a file is absent."""
+        """Download when asked and needed, then raise MissingDataError if a file is absent."""
         if not self._present():
             self.prepare_data()
         if not self._present():
-            raise FileNotFoundError(
-                _missing_files_error(
-                    self.dataset_name, self.folder, self.files, "data.download is false"
-                )
+            raise _missing_files_error(
+                self.dataset_name, self.data_dir, self.folder, self.files, "data.download is false"
             )
 
 
