@@ -16,12 +16,16 @@ from typing import Any
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from diffexp.cli import EXIT_FAILED
+
 # what torch's zip writer says when a write comes up short (typically: no space left)
 _SHORT_WRITE = ("unexpected pos", "file write failed", "no space left")
 
 
 class CheckpointWriteError(OSError):
     """Writing a checkpoint failed (a full disk, mostly); the previous checkpoint is unchanged."""
+
+    exit_code = EXIT_FAILED  # the message says what happened and what to do: no traceback
 
 
 def _free_space(folder: Path) -> str:

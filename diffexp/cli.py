@@ -3,7 +3,8 @@
 Every ``python -m diffexp.<entry>`` runs its work inside ``refusing_bad_input()``: a
 ``ConfigError`` (an input that cannot work, with its key, value and fix in the message) is
 printed as ``error: <message>`` on stderr and the process exits with ``EXIT_BAD_INPUT``, with no
-Python traceback; ``HYDRA_FULL_ERROR=1`` re-raises it for the full traceback. ``run_cli`` also
+Python traceback (an expected failure that explains itself, e.g. a full disk, exits 1 the same
+way); ``HYDRA_FULL_ERROR=1`` re-raises it for the full traceback. ``run_cli`` also
 turns Hydra's own refusals of an override (an unknown option or key, before the job starts) into
 that exit code.
 """
@@ -17,6 +18,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 EXIT_BAD_INPUT = 2
+# a run that failed for a reason its message explains (a full disk, a diverged loss)
+EXIT_FAILED = 1
 # a job stopped by SIGTERM / SIGINT after saving its checkpoint: 128 + SIGTERM, as a shell reports
 EXIT_INTERRUPTED = 143
 
@@ -40,9 +43,18 @@ def refuse(message: str) -> None:
     raise SystemExit(EXIT_BAD_INPUT)
 
 
+def explained_exit(err: BaseException) -> int | None:
+    """The exit code of an expected failure whose message says everything (its class sets
+    ``exit_code``: a full disk, a non-finite loss), None for a bug."""
+    code = getattr(type(err), "exit_code", None)
+    return code if isinstance(code, int) else None
+
+
 @contextlib.contextmanager
 def refusing_bad_input() -> Iterator[None]:
-    """A ``ConfigError`` raised inside becomes one paragraph on stderr and exit code 2."""
+    """A ``ConfigError`` raised inside becomes one paragraph on stderr and exit code 2; an
+    expected failure with ``exit_code`` becomes its message and that code. Other exceptions (bugs)
+    keep their traceback."""
     global _job_started
     _job_started = True
     try:
@@ -51,6 +63,15 @@ def refusing_bad_input() -> Iterator[None]:
         if full_errors():
             raise
         refuse(str(err))
+    except Exception as err:
+        code = explained_exit(err)
+        if code is None or full_errors():
+            raise
+        message = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        sys.stdout.flush()
+        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.flush()
+        raise SystemExit(code) from None
 
 
 def run_cli(main: Callable[[], Any]) -> None:

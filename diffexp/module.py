@@ -20,6 +20,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from diffexp.cli import EXIT_FAILED
 from diffexp.data.datamodules import derive_seed
 from diffexp.diffusion.denoiser import Denoiser
 from diffexp.diffusion.elbo import ReconstructionNLL, gaussian_reconstruction_nll
@@ -35,6 +36,8 @@ _VALIDATION_STREAM = 101
 
 class NonFiniteLossError(FloatingPointError):
     """Raised when the training loss is NaN or infinite; the message names the step and term."""
+
+    exit_code = EXIT_FAILED  # the message says what happened and what to do: no traceback
 
 
 def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:

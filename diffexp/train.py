@@ -37,7 +37,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     offline_wandb_by_default()
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(cfg.data)
+    datamodule = build_datamodule(cfg.data, require_files=True)
     module = build_module(cfg, datamodule)
     continuing = plan is not None and plan.same_folder
     if continuing and plan.wandb_run_id and cfg.get("logger") and cfg.logger.get("wandb"):
