@@ -173,13 +173,12 @@ def test_slurm_preemption_checkpoints_requeues_and_resumes(tmp_path):
     assert "requeued" in stopped.stdout
     assert calls.read_text().split() == ["requeue", "4242"]
     assert _global_step(run / "checkpoints" / "last.ckpt") == 10
+    assert sorted(_log(run)[0]) == list(range(10))  # ckpt_path=auto started fresh at step 0
+    # a requeued command without ckpt_path=auto must not train over the run's work
+    before = (run / "checkpoints" / "last.ckpt").read_bytes()
+    refused = _train([a for a in args if a != "ckpt_path=auto"], code=2, env=slurm)
+    assert "ckpt_path=auto" in refused.stderr and "Traceback" not in refused.stderr
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
     _train(args, env={**slurm, "SLURM_RESTART_COUNT": "1"})
     assert _global_step(run / "checkpoints" / "last.ckpt") == 16
     assert sorted(_log(run)[0]) == list(range(16))
-
-
-def test_auto_starts_fresh_without_a_checkpoint(tmp_path):
-    run = tmp_path / "run"
-    _train(["trainer.max_steps=4", "logger=csv", f"hydra.run.dir={run}", "ckpt_path=auto"])
-    assert _global_step(run / "checkpoints" / "last.ckpt") == 4
-    assert sorted(_log(run)[0]) == [0, 1, 2, 3]
