@@ -28,7 +28,7 @@ from diffexp.diffusion.loss import HEAVY_TAILED_SPREAD, LossOutput, WeightedLoss
 from diffexp.diffusion.noise_sampling import NoiseSampling, ScheduleTimes
 from diffexp.diffusion.schedules import Learned, Schedule
 from diffexp.diffusion.weighting import Weighting
-from diffexp.resume import data_position, start_next_epoch
+from diffexp.resume import data_position, reopen_stopped_epoch, start_next_epoch
 
 # the validation noise's seed stream (the data's streams are 0-4)
 _VALIDATION_STREAM = 101
@@ -258,7 +258,7 @@ class DiffusionModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the noise RNG, so a resumed run draws the noise the uninterrupted one did; a
         checkpoint written at an epoch's end resumes at the next epoch's start."""
-        start_next_epoch(checkpoint)
+        start_next_epoch(checkpoint) or reopen_stopped_epoch(checkpoint)
         state = checkpoint.get("noise_rng_state")
         if state is not None:
             self._pending_noise_state = state

@@ -7,7 +7,9 @@ restarting the next epoch's data from its start (Lightning issues #18060, #19815
 checkpoint is the start of the next epoch, so its loop counters are rewritten to say so. A
 checkpoint written inside an epoch is restored by Lightning at the right batch index, but with a
 data loader that cannot save its position it would restart the epoch's data; ``data_position``
-gives the number of batches to skip.
+gives the number of batches to skip. A checkpoint written when ``max_steps`` stopped training inside
+an epoch is put back inside that epoch (Lightning counts the epoch as processed and would start
+the next epoch's data order).
 """
 
 from __future__ import annotations
@@ -54,6 +56,24 @@ def start_next_epoch(checkpoint: dict[str, Any]) -> bool:
     batch = fit["epoch_loop.batch_progress"]
     batch["current"] = _progress(batch["current"], 0)
     batch["is_last_batch"] = False
+    return True
+
+
+def reopen_stopped_epoch(checkpoint: dict[str, Any]) -> bool:
+    """Rewrite a checkpoint written at the end of training that stopped inside an epoch
+    (``max_steps``: Lightning ends the epoch early and counts it processed) to the state of a stop
+    inside that epoch, so a longer run continues the epoch's data; True when rewritten."""
+    try:
+        fit = checkpoint["loops"]["fit_loop"]
+        batch, epochs = fit["epoch_loop.batch_progress"], fit["epoch_progress"]
+    except (KeyError, TypeError):
+        return False
+    current = batch["current"]
+    inside = not batch.get("is_last_batch") and current["completed"] == current["ready"] > 0
+    if not inside or epochs["current"]["processed"] != epochs["current"]["started"]:
+        return False
+    for record in (epochs["current"], epochs["total"]):
+        record["processed"] = record["completed"] = record["started"] - 1
     return True
 
 

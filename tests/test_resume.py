@@ -93,9 +93,12 @@ CASES = {
         19,
         130,
     ),
-    # another objective; kill -9 mid-epoch: the resume starts from the last step checkpoint
+    # another objective, first trained to max_steps=10 (inside an epoch) and extended, then
+    # killed with kill -9 inside an epoch: the resume starts from the last step checkpoint
     "lognormal-kill9": (
         [
+            "logger=csv",
+            "model.lr_scheduler.total_steps=48",  # the same LR schedule for the 10-step leg
             "weighting=edm",
             "noise_sampling=lognormal",
             "callbacks.last_checkpoint.every_n_train_steps=5",
@@ -114,9 +117,14 @@ def test_stopped_and_resumed_run_is_the_uninterrupted_run(tmp_path, case):
     full, cut = tmp_path / "full", tmp_path / "cut"
     common = ["trainer.max_steps=48", *overrides]
     _train([*common, f"hydra.run.dir={full}"])
+    resume = []
+    if signal == "SIGKILL":  # a finished 10-step run, extended to 48 steps by the next command
+        _train([*common, "trainer.max_steps=10", f"hydra.run.dir={cut}"])
+        resume = ["ckpt_path=auto"]
     stopped = _train(
         [
             *common,
+            *resume,
             f"hydra.run.dir={cut}",
             "+callbacks.signal._target_=tests.helpers.SignalAtStep",
             f"+callbacks.signal.step={step}",
