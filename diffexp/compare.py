@@ -153,14 +153,20 @@ def find_runs(paths: list[Path]) -> list[Path]:
     return found
 
 
-def _read_text(run_dir: Path, rel: str) -> str:
-    """The file's text; ``BrokenFile`` when it cannot be read, is empty or is not UTF-8."""
+def _read_bytes(run_dir: Path, rel: str) -> bytes:
+    """The file's bytes; ``BrokenFile`` when it cannot be read or is empty."""
     try:
         raw = (run_dir / rel).read_bytes()
     except OSError as err:
         raise BrokenFile(rel, f"cannot read ({err.strerror or err})") from None
     if not raw.strip():
         raise BrokenFile(rel, "empty file (the run was killed while writing it?)")
+    return raw
+
+
+def _read_text(run_dir: Path, rel: str) -> str:
+    """The file's text; ``BrokenFile`` when it cannot be read, is empty or is not UTF-8."""
+    raw = _read_bytes(run_dir, rel)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -241,12 +247,7 @@ def _curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     curves: dict[str, list[tuple[int, float]]] = {}
     if not (run_dir / rel).exists():
         return curves
-    try:
-        raw = (run_dir / rel).read_bytes()
-    except OSError as err:
-        raise BrokenFile(rel, f"cannot read ({err.strerror or err})") from None
-    if not raw.strip():
-        raise BrokenFile(rel, "empty file (the run was killed while writing it?)")
+    raw = _read_bytes(run_dir, rel)
     try:
         raw.decode("utf-8")
         garbage_at = None
