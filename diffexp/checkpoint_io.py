@@ -83,6 +83,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         except (OSError, RuntimeError) as err:
             _remove(tmp)
+            if isinstance(err, RuntimeError) and not any(
+                s in str(err).lower() for s in _SHORT_WRITE
+            ):
+                raise  # not a failed write (a bug, a device error): its own traceback
             raise write_failure(path, err, had_previous) from err
         finally:
             _remove(tmp)

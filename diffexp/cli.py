@@ -35,14 +35,6 @@ def full_errors() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR", "") == "1"
 
 
-def refuse(message: str) -> None:
-    """Print ``error: message`` on stderr and exit with ``EXIT_BAD_INPUT``."""
-    sys.stdout.flush()
-    sys.stderr.write(f"error: {message}\n")
-    sys.stderr.flush()
-    raise SystemExit(EXIT_BAD_INPUT)
-
-
 def explained_exit(err: BaseException) -> int | None:
     """The exit code of an expected failure whose message says everything (its class sets
     ``exit_code``: a full disk, a non-finite loss), None for a bug."""
@@ -59,19 +51,24 @@ def refusing_bad_input() -> Iterator[None]:
     _job_started = True
     try:
         yield
-    except ConfigError as err:
-        if full_errors():
-            raise
-        refuse(str(err))
     except Exception as err:
-        code = explained_exit(err)
+        code = EXIT_BAD_INPUT if isinstance(err, ConfigError) else explained_exit(err)
         if code is None or full_errors():
             raise
         message = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         sys.stdout.flush()
         sys.stderr.write(f"error: {message}\n")
         sys.stderr.flush()
+        if in_multirun():
+            raise  # Hydra records this job as failed, runs the others and exits non-zero
         raise SystemExit(code) from None
+
+
+def in_multirun() -> bool:
+    """Whether this job is one of a Hydra sweep's (``-m``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN"
 
 
 def run_cli(main: Callable[[], Any]) -> None:

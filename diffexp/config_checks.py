@@ -164,7 +164,6 @@ TRAIN_RULES: tuple[Rule, ...] = (
         fix="Set trainer.check_val_every_n_epoch=10 (the default).",
     ),
     Rule("trainer.log_every_n_steps", "int", low=1, fix="Set trainer.log_every_n_steps=50."),
-    Rule("trainer.devices", "int", low=1, allowed=(-1, "auto"), nullable=False),
     Rule("trainer.num_nodes", "int", low=1),
     Rule(
         "model.T",

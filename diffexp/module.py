@@ -85,6 +85,7 @@ class DiffusionModule(pl.LightningModule):
         self._noise_generator: torch.Generator | None = None
         self._pending_noise_state: Tensor | None = None
         self.validation_generator: torch.Generator | None = None
+        self._pending_torch_rng_state: Tensor | None = None
         self.ema: AveragedModel | None = None
         if ema_decay is not None and 0.0 < ema_decay < 1.0:
             self.ema = AveragedModel(
@@ -204,7 +205,11 @@ class DiffusionModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         """A run resumed inside an epoch continues that epoch's data where the checkpoint was
-        written (the loader restarts the epoch; its first batches are skipped)."""
+        written (the loader restarts the epoch; its first batches are skipped), and the global
+        RNG (dropout) where it was."""
+        if self._pending_torch_rng_state is not None:
+            torch.set_rng_state(self._pending_torch_rng_state)
+            self._pending_torch_rng_state = None
         trainer = self.trainer
         sampler = getattr(trainer.train_dataloader, "sampler", None)
         skip = data_position(
@@ -248,21 +253,32 @@ class DiffusionModule(pl.LightningModule):
         return optimizers_with_schedule(self.optimizer_factory(groups), self.lr_scheduler_factory)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the config (to rebuild the model) and the noise RNG (to resume exactly)."""
+        """Store the config (to rebuild the model) and the RNGs (to resume exactly): the
+        training noise's generator of every rank, and the global one (dropout)."""
         checkpoint["diffexp_config"] = self.config
-        checkpoint["noise_rng_state"] = self.noise_generator.get_state()
+        state = self.noise_generator.get_state()
+        checkpoint["noise_rng_state"] = state
+        if self._trainer is not None and self.trainer.world_size > 1:  # every rank calls this
+            gathered = self.all_gather(state.to(self.device))
+            checkpoint["noise_rng_states"] = [s.cpu() for s in gathered]
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
         for logger in self.trainer.loggers if self._trainer is not None else ():
             if type(logger).__name__ == "WandbLogger":  # a resumed run continues this W&B run
                 checkpoint["wandb_run_id"] = logger.version
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the noise RNG, so a resumed run draws the noise the uninterrupted one did; a
+        """Restore the RNGs, so a resumed run draws the noise the uninterrupted one did; a
         checkpoint written at an epoch's end resumes at the next epoch's start."""
         start_next_epoch(checkpoint) or reopen_stopped_epoch(checkpoint)
         state = checkpoint.get("noise_rng_state")
+        per_rank = checkpoint.get("noise_rng_states")
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        if per_rank is not None and rank < len(per_rank):
+            state = per_rank[rank]
         if state is not None:
             self._pending_noise_state = state
             self._noise_generator = None
+        self._pending_torch_rng_state = checkpoint.get("torch_rng_state")
 
 
 def check_objective(

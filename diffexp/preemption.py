@@ -19,6 +19,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import pytorch_lightning as pl
+
 log = logging.getLogger("diffexp")
 
 # the signals SLURM sends before a job's time limit when asked to (sbatch --signal=USR1@120;
@@ -54,6 +56,17 @@ def requeue(job_id: str) -> bool:
     return result.returncode == 0
 
 
+class _StopIfSignalled(pl.Callback):
+    """Re-raises Lightning's stop flag at the start of training for a signal received before."""
+
+    def __init__(self, stop: GracefulStop) -> None:
+        self.stop = stop
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.stop.signum is not None:
+            trainer._signal_connector.received_sigterm = True
+
+
 class GracefulStop:
     """Signal handlers that turn SIGTERM, SIGINT and SLURM's preemption signals into a stop at
     the end of the current training step (Lightning's ``received_sigterm``)."""
@@ -76,10 +89,16 @@ class GracefulStop:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[GracefulStop]:
-        """The handlers, for the duration of ``trainer.fit`` (main thread only)."""
-        if threading.current_thread() is not threading.main_thread():
+        """The handlers, for the duration of ``trainer.fit`` (main thread only). A signal that
+        arrives while ``fit`` sets up (Lightning then resets its flag) still stops training at
+        its first step."""
+        spawned = type(self.trainer.strategy.launcher).__name__ == "_MultiProcessingLauncher"
+        if spawned or threading.current_thread() is not threading.main_thread():
+            # trainer=ddp_spawn trains in processes of its own: a signal keeps its default (the
+            # job ends, non-zero; last.ckpt is the last one written)
             yield self
             return
+        self.trainer.callbacks.append(_StopIfSignalled(self))
         signals = (signal.SIGTERM, signal.SIGINT, *(PREEMPTION_SIGNALS if slurm_job_id() else ()))
         previous = {s: signal.signal(s, self._handle) for s in signals}
         try:
@@ -92,5 +111,10 @@ class GracefulStop:
         """The exit for a stopped run; requeues the SLURM job when it was preempted."""
         signum = self.signum if self.signum is not None else signal.SIGTERM
         job = slurm_job_id()
-        requeued = bool(job) and signum in PREEMPTION_SIGNALS and requeue(job)
+        requeued = (
+            bool(job)
+            and signum in PREEMPTION_SIGNALS
+            and self.trainer.is_global_zero
+            and requeue(job)
+        )
         return Interrupted(signum, self.trainer.global_step, requeued)

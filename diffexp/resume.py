@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,12 +79,15 @@ def reopen_stopped_epoch(checkpoint: dict[str, Any]) -> bool:
 
 
 def data_position(global_step: int, epoch: int, batches_per_epoch: float, accumulate: int) -> int:
-    """Batches of ``epoch`` already trained on at ``global_step`` (every epoch has
-    ``batches_per_epoch`` batches, ``accumulate`` per optimizer step); 0 at an epoch's start."""
+    """Batches of ``epoch`` already trained on at ``global_step``: every epoch has
+    ``batches_per_epoch`` batches and ceil(batches / ``accumulate``) optimizer steps (its last
+    step may take fewer batches); 0 at an epoch's start."""
     if batches_per_epoch == float("inf") or batches_per_epoch <= 0:
         return 0
-    done = int(global_step) * int(accumulate) - int(epoch) * int(batches_per_epoch)
-    return done if 0 < done < batches_per_epoch else 0
+    n, accumulate = int(batches_per_epoch), max(1, int(accumulate))
+    steps_per_epoch = math.ceil(n / accumulate)
+    done = (int(global_step) - int(epoch) * steps_per_epoch) * accumulate
+    return done if 0 < done < n else 0
 
 
 # what may differ between a checkpoint's config and the resuming run's: how long to train, what
@@ -106,6 +110,11 @@ MAY_CHANGE_ON_RESUME = (
     "callbacks",
     "sampler",
     "paths",
+    # where the data and the FID features are read from (paths, not the data itself)
+    "data.data_dir",
+    "data.download",
+    "data.fid_features_path",
+    "trainer.val_check_interval",
     "ckpt_path",
     "tags",
     "optimized_metric",
@@ -170,7 +179,7 @@ def rows_before(metrics_csv: str | Path, step: int) -> tuple[list[str], list[dic
         return [], []
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
-        rows = [r for r in reader if r.get("step", "").isdigit() and int(r["step"]) < step]
+        rows = [r for r in reader if (r.get("step") or "").isdigit() and int(r["step"]) < step]
         return list(reader.fieldnames or []), rows
 
 

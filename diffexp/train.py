@@ -44,6 +44,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         with open_dict(cfg):
             cfg.logger.wandb.id, cfg.logger.wandb.resume = plan.wandb_run_id, "allow"
     kept_rows = csv_rows_before(cfg, plan.step) if continuing else None
+    if continuing:  # a finished leg's summary is not this run's: it is written again at the end
+        Path(cfg.paths.output_dir, "summary.json").unlink(missing_ok=True)
     with training_run(cfg, kept_csv_rows=kept_rows) as trainer:
         if trainer.is_global_zero and plan is None:
             log_implied_weighting(module, datamodule.dim, trainer, Path(cfg.paths.output_dir))
@@ -74,9 +76,11 @@ def fit(trainer: Any, module: Any, datamodule: Any, plan: Any) -> None:
     from diffexp.preemption import GracefulStop
 
     stop = GracefulStop(trainer)
-    # a resume inside an epoch is exact here (the sampler skips the trained batches), whatever
-    # Lightning's generic warning about loaders that cannot save their position says
-    warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before")
+    if trainer.world_size == 1:
+        # a resume inside an epoch is exact on one process (the sampler skips the trained
+        # batches), whatever Lightning's warning about loaders without a saved position says;
+        # under DDP the warning is right and stays
+        warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before")
     try:
         with stop.installed():
             trainer.fit(

@@ -17,11 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 
-class LastCheckpoint(pl.Callback):
-    """Writes ``<dirpath>/last.ckpt`` at every epoch's end and every N steps / minutes."""
+class LastCheckpoint(Checkpoint):
+    """Writes ``<dirpath>/last.ckpt`` at every epoch's end and every N steps / minutes.
+
+    A ``Checkpoint``, so Lightning calls it after the other callbacks at an epoch's end and after
+    the ``ModelCheckpoint`` listed before it: ``last.ckpt`` records the best checkpoint so far.
+    """
+
+    # how often (in steps) the clock is read for ``every_n_minutes``: under DDP reading it is a
+    # collective (the ranks agree on rank 0's clock)
+    CLOCK_EVERY_N_STEPS = 20
 
     def __init__(
         self,
@@ -54,7 +63,7 @@ class LastCheckpoint(pl.Callback):
             return
         step = trainer.global_step
         due = self.every_n_train_steps > 0 and step % self.every_n_train_steps == 0
-        if not due and self.every_n_seconds > 0:
+        if not due and self.every_n_seconds > 0 and step % self.CLOCK_EVERY_N_STEPS == 0:
             late = time.monotonic() - self._last_write >= self.every_n_seconds
             due = bool(trainer.strategy.broadcast(late))  # the ranks agree on rank 0's clock
         if due:
@@ -83,4 +92,9 @@ class LastCheckpoint(pl.Callback):
         if loop._should_accumulate():
             return False
         interval = trainer.val_check_batch
-        return not (math.isfinite(interval) and (batch_idx + 1) % int(interval) == 0)
+        if not math.isfinite(interval):
+            return True
+        # validation every N batches counts within the epoch, or across epochs without
+        # check_val_every_n_epoch (Lightning's rule)
+        count = batch_idx if trainer.check_val_every_n_epoch else loop.total_batch_idx
+        return (count + 1) % int(interval) != 0
