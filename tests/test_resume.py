@@ -78,9 +78,13 @@ def _global_step(ckpt: Path) -> int:
     return int(torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"])
 
 
+# each case: its overrides, whether it runs under SLURM, and its legs: how each leg ends (a
+# signal at a step, or max_steps), the step its last.ckpt then holds and its exit code; every
+# leg after the first and the final command carry ckpt_path=auto
 CASES = {
-    # the default callbacks: validation every 10 epochs (40 steps here); SIGTERM mid-epoch
-    "default-sigterm": (["logger=default"], "SIGTERM", 22, 143),
+    # the default callbacks (validation every 10 epochs: 40 steps here) and loggers; SLURM's
+    # preemption signal inside an epoch: checkpoint, requeue, resume
+    "default-slurm": (["logger=default"], True, [("SIGUSR1", 22, 23, 138)]),
     # validation every epoch, a learned schedule, Ctrl-C on an epoch's last batch
     "learned-sigint": (
         [
@@ -89,13 +93,12 @@ CASES = {
             "trainer.check_val_every_n_epoch=1",
             "+trainer.limit_val_batches=1",
         ],
-        "SIGINT",
-        19,
-        130,
+        False,
+        [("SIGINT", 19, 20, 130)],
     ),
-    # another objective, first trained to max_steps=10 (inside an epoch) and extended, then
-    # killed with kill -9 inside an epoch: the resume starts from the last step checkpoint
-    "lognormal-kill9": (
+    # another objective: trained to max_steps=10 (inside an epoch) and extended, stopped by
+    # SIGTERM, then killed by kill -9 at step 27: it resumes from the step checkpoint of step 25
+    "lognormal-sigterm-kill9": (
         [
             "logger=csv",
             "model.lr_scheduler.total_steps=48",  # the same LR schedule for the 10-step leg
@@ -103,59 +106,20 @@ CASES = {
             "noise_sampling=lognormal",
             "callbacks.last_checkpoint.every_n_train_steps=5",
         ],
-        "SIGKILL",
-        15,
-        -9,
+        False,
+        [("max_steps", 10, 10, 0), ("SIGTERM", 13, 14, 143), ("SIGKILL", 27, 25, -9)],
     ),
 }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_stopped_and_resumed_run_is_the_uninterrupted_run(tmp_path, case):
-    overrides, signal, step, code = CASES[case]
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    common = ["trainer.max_steps=48", *overrides]
-    _train([*common, f"hydra.run.dir={full}"])
-    resume = []
-    if signal == "SIGKILL":  # a finished 10-step run, extended to 48 steps by the next command
-        _train([*common, "trainer.max_steps=10", f"hydra.run.dir={cut}"])
-        resume = ["ckpt_path=auto"]
-    stopped = _train(
-        [
-            *common,
-            *resume,
-            f"hydra.run.dir={cut}",
-            "+callbacks.signal._target_=tests.helpers.SignalAtStep",
-            f"+callbacks.signal.step={step}",
-            f"+callbacks.signal.signal={signal}",
-        ],
-        code=code,
-    )
-    last = cut / "checkpoints" / "last.ckpt"
-    # a signal stops at the end of the step it arrived in; kill -9 leaves the last checkpoint,
-    # here the one written after step 15 (every 5 steps, inside epoch 3 of steps 12-15)
-    assert _global_step(last) == (step + 1 if signal != "SIGKILL" else 15)
-    if signal != "SIGKILL":
-        assert f"stopped by {signal} after step {step + 1}: last.ckpt written" in stopped.stdout
-        assert not (cut / "summary.json").exists()
-    _train([*common, f"hydra.run.dir={cut}", "ckpt_path=auto"])
-    _assert_same_run(full, cut)
-    if "logger=default" in overrides:  # the resumed process continued the same W&B run
-        run_id = torch.load(last, map_location="cpu", weights_only=True)["wandb_run_id"]
-        runs = [p.name for p in (cut / "wandb").glob("offline-run-*")]
-        assert len(runs) == 2 and all(name.endswith(run_id) for name in runs), (run_id, runs)
-
-
-def test_slurm_preemption_checkpoints_requeues_and_resumes(tmp_path):
-    """SLURM's signal before the time limit (USR1 here; submitit sends USR2): last.ckpt, exit
-    138, ``scontrol requeue <job>``; the requeued command (ckpt_path=auto) continues the run.
-    A fake ``scontrol`` records its call; a real cluster cannot be tested here."""
+def _slurm_env(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """The environment SLURM gives a job (job 4242, one task) with a fake ``scontrol`` on the
+    PATH that records its arguments."""
     bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol.log"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     (bin_dir / "scontrol").chmod(0o755)
-    slurm = {
+    env = {
         "PATH": f"{bin_dir}{os.pathsep}{ENV['PATH']}",
         "SLURM_JOB_ID": "4242",
         "SLURM_JOB_NAME": "train",
@@ -165,28 +129,47 @@ def test_slurm_preemption_checkpoints_requeues_and_resumes(tmp_path):
         "SLURM_NODEID": "0",
         "SLURM_NODELIST": "localhost",
     }
-    run = tmp_path / "run"
-    args = ["trainer.max_steps=16", "logger=csv", f"hydra.run.dir={run}", "ckpt_path=auto"]
-    stopped = _train(
-        [
-            *args,
-            "+callbacks.signal._target_=tests.helpers.SignalAtStep",
-            "+callbacks.signal.step=9",
-            "+callbacks.signal.signal=SIGUSR1",
-        ],
-        code=128 + 10,
-        env=slurm,
-    )
-    assert "stopped by SIGUSR1 after step 10" in stopped.stdout
-    assert "requeued" in stopped.stdout
-    assert calls.read_text().split() == ["requeue", "4242"]
-    assert _global_step(run / "checkpoints" / "last.ckpt") == 10
-    assert sorted(_log(run)[0]) == list(range(10))  # ckpt_path=auto started fresh at step 0
-    # a requeued command without ckpt_path=auto must not train over the run's work
-    before = (run / "checkpoints" / "last.ckpt").read_bytes()
-    refused = _train([a for a in args if a != "ckpt_path=auto"], code=2, env=slurm)
-    assert "ckpt_path=auto" in refused.stderr and "Traceback" not in refused.stderr
-    assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
-    _train(args, env={**slurm, "SLURM_RESTART_COUNT": "1"})
-    assert _global_step(run / "checkpoints" / "last.ckpt") == 16
-    assert sorted(_log(run)[0]) == list(range(16))
+    return env, calls
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_stopped_and_resumed_run_is_the_uninterrupted_run(tmp_path, case):
+    """Each leg stops as planned and leaves last.ckpt at the expected step; the final resume
+    reproduces the uninterrupted run by step number. SLURM (a real cluster cannot be tested here):
+    the signal requeues the job with ``scontrol requeue 4242``, and a requeued command without
+    ckpt_path=auto is refused rather than training over the run."""
+    overrides, slurm, legs = CASES[case]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    common = ["trainer.max_steps=48", *overrides]
+    env, calls = _slurm_env(tmp_path) if slurm else ({}, None)
+    _train([*common, f"hydra.run.dir={full}"])
+    last = cut / "checkpoints" / "last.ckpt"
+    for i, (stop, step, at, code) in enumerate(legs):
+        args = [*common, f"hydra.run.dir={cut}", *(["ckpt_path=auto"] if i else [])]
+        if stop == "max_steps":
+            args.append(f"trainer.max_steps={step}")
+        else:
+            args += [
+                "+callbacks.signal._target_=tests.helpers.SignalAtStep",
+                f"+callbacks.signal.step={step}",
+                f"+callbacks.signal.signal={stop}",
+            ]
+        stopped = _train(args, code=code, env=env)
+        assert _global_step(last) == at, (stop, step)
+        if stop not in ("max_steps", "SIGKILL"):  # a signal stops at the end of its step
+            assert f"stopped by {stop} after step {at}: last.ckpt written" in stopped.stdout
+            assert not (cut / "summary.json").exists()
+    if slurm:
+        assert "requeued" in stopped.stdout
+        assert calls.read_text().split() == ["requeue", "4242"]
+        before = last.read_bytes()
+        refused = _train([*common, f"hydra.run.dir={cut}"], code=2, env=env)
+        assert "ckpt_path=auto" in refused.stderr and "Traceback" not in refused.stderr
+        assert last.read_bytes() == before
+    _train([*common, f"hydra.run.dir={cut}", "ckpt_path=auto"], env=env)
+    _assert_same_run(full, cut)
+    if "logger=default" in overrides:  # every process continued the same W&B run
+        run_id = torch.load(last, map_location="cpu", weights_only=True)["wandb_run_id"]
+        runs = [p.name for p in (cut / "wandb").glob("offline-run-*")]
+        assert len(runs) == len(legs) + 1 and all(name.endswith(run_id) for name in runs), runs

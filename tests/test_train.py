@@ -165,8 +165,11 @@ SMOKE = [
     ["noise_sampling=lognormal"],
 ]
 # every debug option from the command line: fdr with each objective command, the others alone
+# (short is the training of test_train_eval_sample_as_a_user_would, also a subprocess)
 DEBUG_OPTIONS = sorted(p.stem for p in (ROOT / "conf" / "debug").glob("*.yaml"))
-DEBUG_RUNS = [("fdr", o) for o in SMOKE] + [(d, []) for d in DEBUG_OPTIONS if d != "fdr"]
+DEBUG_RUNS = [("fdr", o) for o in SMOKE] + [
+    (d, []) for d in DEBUG_OPTIONS if d not in ("fdr", "short")
+]
 
 
 @pytest.mark.parametrize(
