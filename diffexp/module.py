@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from diffexp.cli import EXIT_FAILED
 from diffexp.data.datamodules import derive_seed
@@ -38,6 +38,23 @@ class NonFiniteLossError(FloatingPointError):
     """Raised when the training loss is NaN or infinite; the message names the step and term."""
 
     exit_code = EXIT_FAILED  # the message says what happened and what to do: no traceback
+
+
+class EMAUpdate:
+    """ema <- decay * ema + (1 - decay) * current for lists of tensors (torch's
+    ``get_ema_multi_avg_fn``, the same operations): a class, so the module pickles
+    (``trainer=ddp_spawn`` sends it to its processes)."""
+
+    def __init__(self, decay: float) -> None:
+        self.decay = float(decay)
+
+    @torch.no_grad()
+    def __call__(self, ema: list[Tensor], current: list[Tensor], _: Any = None) -> None:
+        if torch.is_floating_point(ema[0]) or torch.is_complex(ema[0]):
+            torch._foreach_lerp_(ema, current, 1 - self.decay)
+        else:
+            for p_ema, p_model in zip(ema, current, strict=True):
+                p_ema.copy_(p_ema * self.decay + p_model * (1 - self.decay))
 
 
 def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
@@ -88,9 +105,7 @@ class DiffusionModule(pl.LightningModule):
         self._pending_torch_rng_state: Tensor | None = None
         self.ema: AveragedModel | None = None
         if ema_decay is not None and 0.0 < ema_decay < 1.0:
-            self.ema = AveragedModel(
-                denoiser, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True
-            )
+            self.ema = AveragedModel(denoiser, multi_avg_fn=EMAUpdate(ema_decay), use_buffers=True)
             self.ema.requires_grad_(False)
 
     def setup(self, stage: str) -> None:
