@@ -58,7 +58,7 @@ def write_failure(path: Path, err: BaseException, had_previous: bool) -> Checkpo
         f"cannot write checkpoint {path}: {what} ({text}); {_free_space(path.parent)} free on "
         f"that disk. {kept} Free space there (old runs' checkpoints/*.ckpt, outputs/) or send "
         "the run's output to a disk with room (hydra.run.dir=...), then resume from the last "
-        "checkpoint (ckpt_path=<its checkpoints/last.ckpt>).",
+        "checkpoint (ckpt_path=auto in the run's folder, or ckpt_path=<its last.ckpt>).",
     )
 
 

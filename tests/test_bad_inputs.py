@@ -457,3 +457,28 @@ def test_a_failed_first_write_leaves_no_file(tmp_path, monkeypatch):
     assert "No checkpoint was written" in str(err.value)
     assert list((tmp_path / "c").iterdir()) == []
     assert shutil.disk_usage(tmp_path).free > 0
+
+
+def test_a_full_disk_during_training_exits_1_with_the_reason_and_no_partial_file(tmp_path):
+    """A file-size limit (``ulimit -f``: writes past it fail as on a full disk) stops the first
+    checkpoint write: exit 1, the message, no traceback, no partial checkpoint left behind."""
+    run = tmp_path / "run"
+    args = [
+        sys.executable,
+        "-m",
+        "diffexp.train",
+        "data.n_train=2048",
+        "trainer.max_steps=8",
+        "logger=csv",
+        "callbacks.elbo.n_t=2",
+        "callbacks.samples.every_n_epochs=0",
+        f"hydra.run.dir={run}",
+    ]
+    command = "ulimit -f 400 && exec " + " ".join(args)  # 400 KiB: logs fit, a checkpoint not
+    proc = subprocess.run(
+        ["bash", "-c", command], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "error: cannot write checkpoint" in proc.stderr and "last.ckpt" in proc.stderr
+    assert not list((run / "checkpoints").glob("*"))  # no partial file, no temporary file
