@@ -1,4 +1,5 @@
-"""Checkpoints written atomically: to a temporary file, fsynced, then renamed over the target.
+"""Checkpoints: written atomically (to a temporary file, fsynced, then renamed over the target)
+and read safely (weights-only unpickling, our own message for a file that is not one).
 
 A crash or a full disk mid-write leaves the previous good checkpoint in place, never a partial one.
 A write that fails (a full disk shows up in torch as ``unexpected pos`` or ``file write failed``)
@@ -9,14 +10,16 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from diffexp.cli import EXIT_FAILED
+from diffexp.cli import EXIT_FAILED, ConfigError
 
 # what torch's zip writer says when a write comes up short (typically: no space left)
 _SHORT_WRITE = ("unexpected pos", "file write failed", "no space left")
@@ -99,3 +102,82 @@ def _remove(tmp: Path) -> None:
             tmp.unlink()
     except OSError:
         pass
+
+
+# ---------------------------------------------------------------------- reading
+def _size(path: Path) -> str:
+    n = path.stat().st_size
+    if n < 1024:
+        return f"{n} bytes"
+    units = ("KiB", "MiB", "GiB", "TiB")
+    value, unit = n / 1024, units[0]
+    for unit in units:  # noqa: B007 - the last unit is used after the loop
+        if value < 1024:
+            break
+        value /= 1024
+    return f"{value:.1f} {unit}"
+
+
+def _unreadable(path: Path, key: str | None, what: str) -> ConfigError:
+    """The refusal of a file that is not a checkpoint torch can read, with the other checkpoints
+    next to it."""
+    others = [p.name for p in sorted(path.parent.glob("*.ckpt")) if p != path]
+    alternatives = (
+        f" Other checkpoints in {path.parent}: {', '.join(others[:5])}." if others else ""
+    )
+    return ConfigError(
+        f"{checkpoint_name(path, key)} ({_size(path)}) is not a readable checkpoint: {what}. "
+        f"Pass another checkpoint of the run ({'ckpt' if key in (None, 'run') else key}=<file>), "
+        "or retrain; a checkpoint cut short by a crash or a full disk cannot be repaired."
+        f"{alternatives}"
+    )
+
+
+def checkpoint_name(path: Path, key: str | None) -> str:
+    """How the message names the file: by the option that named it, when known."""
+    if key == "run":
+        return f"run={path.parents[1]}: its checkpoint {path}"
+    return f"{key}={path}" if key else f"checkpoint {path}"
+
+
+def load_checkpoint(path: Path | str, key: str | None = None) -> dict[str, Any]:
+    """torch.load with weights-only unpickling; a ``ConfigError`` for unreadable or foreign files
+    (``key``: the option that named the file, for the message)."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise _unreadable(path, key, "the file is empty (0 bytes: it was never written)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    is_zip = zipfile.is_zipfile(path)
+    if not is_zip and head.startswith(b"PK"):
+        raise _unreadable(
+            path, key, "truncated (a partial file: the archive torch writes is cut short)"
+        )
+    if not is_zip and not head.startswith(b"\x80"):
+        raise _unreadable(
+            path,
+            key,
+            "not a torch checkpoint (neither the zip archive nor the pickle torch writes)",
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower() or "weights_only" in str(err):
+            raise _unreadable(
+                path,
+                key,
+                "it holds objects other than tensors and plain data, and is not loaded because "
+                "unpickling them could run code (only checkpoints of diffexp are loaded safely)",
+            ) from None
+        raise _unreadable(path, key, "corrupted (truncated or partial)") from None
+    except Exception:  # noqa: BLE001 - torch's reason would suggest unsafe loading
+        raise _unreadable(path, key, "corrupted (truncated or partial)") from None
+    if not isinstance(state, dict) or "state_dict" not in state or "diffexp_config" not in state:
+        raise ConfigError(
+            f"{checkpoint_name(path, key)} is not a diffexp checkpoint (it has no state_dict / "
+            "diffexp_config). "
+            "Pass a checkpoint written by python -m diffexp.train (checkpoints/last.ckpt of its "
+            "run folder)."
+        )
+    return state

@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffexp.checkpoint_io import load_checkpoint
+from diffexp.data import LABELLED_DATA
 from diffexp.diffusion.elbo import diffuse, stratified_times
 from diffexp.diffusion.schedules import Schedule
-from diffexp.factory import LABELLED_DATA
 from diffexp.module import optimizers_with_schedule, split_batch
 from diffexp.networks.classifier import NoisyConvClassifier, NoisyMLPClassifier
 
@@ -186,8 +187,6 @@ def build_classifier_from_spec(spec: dict[str, Any]) -> nn.Module:
 def load_noisy_classifier(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """The trained classifier of a ``diffexp.train_classifier`` checkpoint (or run folder), in
     eval mode with requires_grad False."""
-    from diffexp.runs import load_checkpoint  # late: runs imports the whole training stack
-
     path = resolve_classifier_checkpoint(path)
     state = load_checkpoint(path)
     spec = state["diffexp_config"].get(NETWORK_KEY)

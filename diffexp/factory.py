@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffexp.cli import ConfigError
+from diffexp.data import LABELLED_DATA
 from diffexp.diffusion.denoiser import Denoiser
 from diffexp.diffusion.elbo import gaussian_reconstruction_nll
 from diffexp.guidance import NoGuidance
@@ -23,10 +24,6 @@ DATA_INFO_KEYS = (
     "fid_features",
     "fid_features_path",
 )
-
-
-# the data configs that carry labels (needed by guidance and by the noisy classifier)
-LABELLED_DATA = ("ring8", "grid25", "mixture1d", "moons", "digits", "digits16", "mnist", "cifar10")
 
 
 def build_datamodule(cfg_data: DictConfig, require_files: bool = False) -> pl.LightningDataModule:

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffexp.cli import ConfigError
@@ -239,24 +238,16 @@ def plan_resume(cfg: DictConfig) -> ResumePlan | None:
 
 
 def read_checkpoint(path: Path, key: str) -> dict[str, Any]:
-    """A diffexp checkpoint's contents (weights-only unpickling, memory-mapped); a ConfigError
-    naming ``key`` when the file is not one."""
-    size = path.stat().st_size
-    if size == 0:
-        raise ConfigError(f"{key}={path} is an empty file (0 bytes), not a checkpoint.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001 - any failure means the file is unusable
-        kind = type(err).__name__
+    """A diffexp training checkpoint's contents (``checkpoint_io.load_checkpoint``'s safe
+    reading); a ConfigError naming ``key`` when it has no loop state to resume."""
+    from diffexp.checkpoint_io import load_checkpoint
+
+    state = load_checkpoint(path, key)
+    if "loops" not in state:
         raise ConfigError(
-            f"{key}={path} ({size} bytes) is not a readable checkpoint ({kind}): it is "
-            "truncated, corrupted or not a torch checkpoint. Resume from another checkpoint "
-            "or start fresh with ckpt_path=null."
-        ) from err
-    if not isinstance(state, dict) or "diffexp_config" not in state or "loops" not in state:
-        raise ConfigError(
-            f"{key}={path} is not a diffexp training checkpoint (no stored config or loop "
-            "state). Pass a <run>/checkpoints/last.ckpt written by python -m diffexp.train."
+            f"{key}={path} holds weights but no training state to resume (no loop state). "
+            "Pass a <run>/checkpoints/last.ckpt written by python -m diffexp.train, or start "
+            "fresh with ckpt_path=null."
         )
     return state
 

@@ -13,7 +13,6 @@ only where a model is built, so the checks of ``check_request`` cost nothing.
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,87 +197,6 @@ def _checkpoints_in(folder: Path, limit: int = 50) -> list[Path]:
     return found
 
 
-def _size(path: Path) -> str:
-    n = path.stat().st_size
-    if n < 1024:
-        return f"{n} bytes"
-    units = ("KiB", "MiB", "GiB", "TiB")
-    value, unit = n / 1024, units[0]
-    for unit in units:  # noqa: B007 - the last unit is used after the loop
-        if value < 1024:
-            break
-        value /= 1024
-    return f"{value:.1f} {unit}"
-
-
-def _unreadable(path: Path, key: str | None, what: str) -> ConfigError:
-    """The refusal of a file that is not a checkpoint torch can read, with the other checkpoints
-    next to it."""
-    others = [p.name for p in sorted(path.parent.glob("*.ckpt")) if p != path]
-    alternatives = (
-        f" Other checkpoints in {path.parent}: {', '.join(others[:5])}." if others else ""
-    )
-    return ConfigError(
-        f"{_named(path, key)} ({_size(path)}) is not a readable checkpoint: {what}. Pass another "
-        "checkpoint of the run (ckpt=<file>), or retrain; a checkpoint cut short by a crash or "
-        f"a full disk cannot be repaired.{alternatives}"
-    )
-
-
-def _named(path: Path, key: str | None) -> str:
-    """How the message names the file: by the option that named it, when known."""
-    if key == "run":
-        return f"run={path.parents[1]}: its checkpoint {path}"
-    return f"{key}={path}" if key else f"checkpoint {path}"
-
-
-def load_checkpoint(path: Path | str, key: str | None = None) -> dict[str, Any]:
-    """torch.load with weights-only unpickling; a ``ConfigError`` for unreadable or foreign files
-    (``key``: the option that named the file, for the message)."""
-    path = Path(path)
-    size = path.stat().st_size
-    if size == 0:
-        raise _unreadable(path, key, "the file is empty (0 bytes: it was never written)")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    is_zip = zipfile.is_zipfile(path)
-    if not is_zip and head.startswith(b"PK"):
-        raise _unreadable(
-            path, key, "truncated (a partial file: the archive torch writes is cut short)"
-        )
-    if not is_zip and not head.startswith(b"\x80"):
-        raise _unreadable(
-            path,
-            key,
-            "not a torch checkpoint (neither the zip archive nor the pickle torch writes)",
-        )
-    import pickle
-
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "weights only" in str(err).lower() or "weights_only" in str(err):
-            raise _unreadable(
-                path,
-                key,
-                "it holds objects other than tensors and plain data, and is not loaded because "
-                "unpickling them could run code (only checkpoints of diffexp are loaded safely)",
-            ) from None
-        raise _unreadable(path, key, "corrupted (truncated or partial)") from None
-    except Exception:  # noqa: BLE001 - torch's reason would suggest unsafe loading
-        raise _unreadable(path, key, "corrupted (truncated or partial)") from None
-    if not isinstance(state, dict) or "state_dict" not in state or "diffexp_config" not in state:
-        raise ConfigError(
-            f"{_named(path, key)} is not a diffexp checkpoint (it has no state_dict / "
-            "diffexp_config). "
-            "Pass a checkpoint written by python -m diffexp.train (checkpoints/last.ckpt of its "
-            "run folder)."
-        )
-    return state
-
-
 # ---------------------------------------------------------------------- overrides
 def checkpoint_overrides(
     cfg: DictConfig, stored: DictConfig, overrides: Sequence[str]
@@ -388,6 +306,8 @@ def load_model(
         return LoadedModel(
             denoiser.to(device), datamodule, int(cfg.model.get("T", 0)), "oracle", cfg
         )
+    from diffexp.checkpoint_io import checkpoint_name, load_checkpoint  # torch and Lightning
+
     source = f"run={cfg.run}" if cfg.get("run") else f"ckpt={cfg.ckpt}"
     key = "run" if cfg.get("run") else "ckpt"
     state = load_checkpoint(path, key=key)
@@ -398,7 +318,7 @@ def load_model(
     _seed(seed)
     datamodule = build_datamodule(train_cfg.data, require_files=need_data)
     module = build_module(train_cfg, datamodule)
-    load_weights(module, state["state_dict"], _named(path, key), train_cfg)
+    load_weights(module, state["state_dict"], checkpoint_name(path, key), train_cfg)
     denoiser = module.eval_denoiser if cfg.get("use_ema", True) else module.denoiser
     denoiser.eval()
     return LoadedModel(denoiser.to(device), datamodule, module.T, str(path), train_cfg)

@@ -26,7 +26,8 @@ from diffexp.classifier_module import (
     build_classifier_from_spec,
 )
 from diffexp.cli import refusing_bad_input, run_cli
-from diffexp.factory import LABELLED_DATA, ConfigError, build_datamodule
+from diffexp.data import LABELLED_DATA
+from diffexp.factory import ConfigError, build_datamodule
 from diffexp.networks.classifier import NoisyConvClassifier, NoisyMLPClassifier
 from diffexp.utils import (
     hydra_choices,

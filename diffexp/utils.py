@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -144,10 +143,3 @@ def write_json(path: str | Path, data: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
     return path
-
-
-def device_of(module: torch.nn.Module) -> torch.device:
-    """The device of the module's first parameter or buffer (CPU when it has none)."""
-    for t in (*module.parameters(), *module.buffers()):
-        return t.device
-    return torch.device("cpu")

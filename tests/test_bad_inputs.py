@@ -222,7 +222,7 @@ CASES: list[Case] = [
         "train_ckpt_path_empty",
         "train",
         lambda r: [f"ckpt_path={r.bad / 'empty.ckpt'}"],
-        "empty file",
+        "the file is empty",
     ),
     # compare: paths that hold no runs, an unknown grouping
     Case(
@@ -375,8 +375,8 @@ def test_a_run_folder_as_ckpt_lists_the_checkpoints_inside(tmp_path):
     ],
 )
 def test_unreadable_checkpoints_get_our_message_not_torchs(tmp_path, content, what):
+    from diffexp.checkpoint_io import load_checkpoint
     from diffexp.cli import ConfigError
-    from diffexp.runs import load_checkpoint
 
     path = tmp_path / "x.ckpt"
     path.write_bytes(content)

@@ -11,8 +11,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from diffexp.checkpoint_io import load_checkpoint
 from diffexp.factory import build_datamodule, build_module
-from diffexp.runs import load_checkpoint, load_model
+from diffexp.runs import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,6 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 from diffexp.data.mixtures import PRESETS, GaussianMixture, grid25, make_mixture, mixture1d, ring8
 
+# the data configs that carry labels (needed by guidance and by the noisy classifier)
+LABELLED_DATA = ("ring8", "grid25", "mixture1d", "moons", "digits", "digits16", "mnist", "cifar10")
+
 if TYPE_CHECKING:
     from diffexp.data.datamodules import (
         MIXTURE_PRESETS,
@@ -31,6 +34,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "LABELLED_DATA",
     "MIXTURE_PRESETS",
     "PRESETS",
     "TOY_DATASETS",

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffexp.diffusion.tensors import device_of
+
 
 def _log_expm1(x: Tensor) -> Tensor:
     """log(exp(x) - 1), stable for small and large x > 0."""
@@ -104,9 +106,7 @@ class Schedule(nn.Module):
         return float(lam[0]), float(lam[1])
 
     def _device(self) -> torch.device:
-        for b in list(self.parameters()) + list(self.buffers()):
-            return b.device
-        return torch.device("cpu")
+        return device_of(self)
 
     def _dtype(self) -> torch.dtype:
         for b in list(self.parameters()) + list(self.buffers()):

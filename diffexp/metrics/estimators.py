@@ -32,7 +32,7 @@ from diffexp.diffusion.consistency import consistency_terms
 from diffexp.diffusion.denoiser import Denoiser
 from diffexp.diffusion.elbo import ELBOTerms, elbo_terms
 from diffexp.diffusion.schedules import SCHEDULES, Learned
-from diffexp.utils import device_of
+from diffexp.diffusion.tensors import device_of
 
 Batches = Iterable[tuple[Tensor, Tensor | None]]
 Estimator = Callable[[Tensor, Tensor | None], ELBOTerms]

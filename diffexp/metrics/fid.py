@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from diffexp.utils import device_of
+from diffexp.diffusion.tensors import device_of
 
 __all__ = ["FIDMetric", "extract_features", "fid_kid"]
 
