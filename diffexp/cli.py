@@ -15,7 +15,12 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
+
+# the config tree, found from this file (not from the caller: ``diffexp-train`` and
+# ``python -m diffexp.train`` find the same)
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 EXIT_BAD_INPUT = 2
 # a run that failed for a reason its message explains (a full disk, a diverged loss)

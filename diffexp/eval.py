@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import hydra
 from omegaconf import DictConfig
 
-from diffexp.cli import refusing_bad_input, run_cli
+from diffexp.cli import CONF_DIR, refusing_bad_input, run_cli
 from diffexp.config_checks import check_eval
 from diffexp.runs import check_request
 
@@ -375,7 +375,7 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: the config's values checked first, then the evaluation."""
     with refusing_bad_input():
@@ -391,5 +391,10 @@ def task_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console script ``diffexp-eval``: ``main`` with the command line's exit codes."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    run()

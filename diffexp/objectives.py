@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.loggers import WandbLogger
 from torch import Tensor
 
+from diffexp.cli import CONF_DIR
 from diffexp.diffusion.loss import HEAVY_TAILED_SPREAD, WeightedLoss
 from diffexp.diffusion.noise_sampling import NoiseSampling, ScheduleTimes
 from diffexp.diffusion.parameterizations import Parameterization
@@ -39,8 +40,6 @@ from diffexp.diffusion.schedules import Schedule
 from diffexp.diffusion.weighting import Weighting, implied_log_weight, is_monotone
 from diffexp.metrics.plots import plot_weightings
 from diffexp.utils import hydra_choices, log, write_json
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 @dataclass
@@ -104,7 +103,7 @@ def implied_weighting(
 
 def compose_train_config(overrides: list[str]) -> DictConfig:
     """The train config with ``overrides`` (Hydra's compose API, in-process)."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose("train", overrides=list(overrides))
 
 

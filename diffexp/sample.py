@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from diffexp.cli import refusing_bad_input, run_cli
+from diffexp.cli import CONF_DIR, refusing_bad_input, run_cli
 from diffexp.config_checks import check_sample
 from diffexp.runs import check_request
 
@@ -77,7 +77,7 @@ def task_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: the config's values checked first, then the sampling."""
     with refusing_bad_input():
@@ -86,5 +86,10 @@ def main(cfg: DictConfig) -> None:
         sample(cfg, overrides=task_overrides())
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console script ``diffexp-sample``: ``main`` with the command line's exit codes."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    run()

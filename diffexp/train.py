@@ -11,7 +11,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from diffexp.cli import ConfigError, refusing_bad_input, run_cli
+from diffexp.cli import CONF_DIR, ConfigError, refusing_bad_input, run_cli
 from diffexp.config_checks import check_train
 
 # Lightning, torch and the model are imported by ``train`` after the config is checked: a refusal
@@ -157,7 +157,7 @@ def summary_line(metrics: dict[str, float]) -> str:
     return line
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns ``optimized_metric`` (for sweepers that optimize it)."""
     with refusing_bad_input():
@@ -176,5 +176,10 @@ def optimized_value(metrics: dict[str, float], name: str | None) -> float | None
     return float(metrics[name])
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console script ``diffexp-train``: ``main`` with the command line's exit codes."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -25,7 +25,7 @@ from diffexp.classifier_module import (
     NoisyClassifierModule,
     build_classifier_from_spec,
 )
-from diffexp.cli import refusing_bad_input, run_cli
+from diffexp.cli import CONF_DIR, refusing_bad_input, run_cli
 from diffexp.data import LABELLED_DATA
 from diffexp.factory import ConfigError, build_datamodule
 from diffexp.networks.classifier import NoisyConvClassifier, NoisyMLPClassifier
@@ -182,12 +182,17 @@ def summary_line(metrics: dict[str, float], checkpoint: Path | None) -> str:
     )
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train_classifier")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train_classifier")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the validation accuracy (for sweepers that optimize it)."""
     with refusing_bad_input():
         return train_noisy_classifier(cfg).metrics.get("val/accuracy")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console script ``diffexp-train-classifier``: ``main`` with the command line's exit codes."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    run()

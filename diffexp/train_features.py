@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from diffexp.cli import refusing_bad_input, run_cli
+from diffexp.cli import CONF_DIR, refusing_bad_input, run_cli
 from diffexp.metrics.features import save_classifier, train_classifier
 
 __all__ = ["load_digits_images", "train_features", "upsample_nearest"]
@@ -75,12 +75,17 @@ def train_features(cfg: DictConfig) -> dict[str, Any]:
     return {"path": str(path), "val_accuracy": acc}
 
 
-@hydra.main(config_path="../conf", config_name="train_features", version_base="1.3")
+@hydra.main(config_path=CONF_DIR, config_name="train_features", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
     with refusing_bad_input():
         train_features(cfg)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console script ``diffexp-train-features``: ``main`` with the command line's exit codes."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -227,3 +227,23 @@ def test_the_implied_weighting_is_logged_to_the_run_folder_and_wandb(tmp_path):
     assert (tmp_path / "implied_weighting.json").is_file()
     logged = list(tmp_path.glob("wandb/offline-run-*/files/media/images/objective/*.png"))
     assert len(logged) == 1, logged
+
+
+def test_console_scripts_find_the_configs_and_exit_as_python_m_does(tmp_path):
+    """``diffexp-train`` etc. (installed by pip) compose the same configs as ``python -m``."""
+    scripts = Path(sys.executable).parent
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env["WANDB_MODE"] = "offline"
+
+    def script(name: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(scripts / name), *args], env=env, capture_output=True, text=True, timeout=300
+        )
+
+    proc = script("diffexp-train", "debug=fdr", f"hydra.run.dir={tmp_path / 'train'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = script("diffexp-eval", "split=foo", f"hydra.run.dir={tmp_path / 'eval'}")
+    assert proc.returncode == 2 and "error: split='foo'" in proc.stderr, proc.stderr[-3000:]
+    for name in ("diffexp-sample", "diffexp-train-classifier", "diffexp-train-features"):
+        proc = script(name, "--cfg", "job")  # composes the config and prints it
+        assert proc.returncode == 0 and "seed" in proc.stdout, (name, proc.stderr[-3000:])
