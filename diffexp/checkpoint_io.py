@@ -31,16 +31,23 @@ class CheckpointWriteError(OSError):
     exit_code = EXIT_FAILED  # the message says what happened and what to do: no traceback
 
 
+def human_size(n: int) -> str:
+    """A byte count in words: ``512 bytes``, ``2.0 KiB``, ``43.8 GiB``."""
+    if n < 1024:
+        return f"{n} bytes"
+    value = n / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
 def _free_space(folder: Path) -> str:
     try:
-        free = shutil.disk_usage(folder).free
+        return human_size(shutil.disk_usage(folder).free)
     except OSError:
         return "unknown"
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if free < 1024 or unit == "GiB":
-            return f"{free:.0f} {unit}" if unit == "bytes" else f"{free:.1f} {unit}"
-        free /= 1024
-    return "unknown"  # pragma: no cover
 
 
 def write_failure(path: Path, err: BaseException, had_previous: bool) -> CheckpointWriteError:
@@ -105,19 +112,6 @@ def _remove(tmp: Path) -> None:
 
 
 # ---------------------------------------------------------------------- reading
-def _size(path: Path) -> str:
-    n = path.stat().st_size
-    if n < 1024:
-        return f"{n} bytes"
-    units = ("KiB", "MiB", "GiB", "TiB")
-    value, unit = n / 1024, units[0]
-    for unit in units:  # noqa: B007 - the last unit is used after the loop
-        if value < 1024:
-            break
-        value /= 1024
-    return f"{value:.1f} {unit}"
-
-
 def _unreadable(path: Path, key: str | None, what: str) -> ConfigError:
     """The refusal of a file that is not a checkpoint torch can read, with the other checkpoints
     next to it."""
@@ -125,8 +119,9 @@ def _unreadable(path: Path, key: str | None, what: str) -> ConfigError:
     alternatives = (
         f" Other checkpoints in {path.parent}: {', '.join(others[:5])}." if others else ""
     )
+    size = human_size(path.stat().st_size)
     return ConfigError(
-        f"{checkpoint_name(path, key)} ({_size(path)}) is not a readable checkpoint: {what}. "
+        f"{checkpoint_name(path, key)} ({size}) is not a readable checkpoint: {what}. "
         f"Pass another checkpoint of the run ({'ckpt' if key in (None, 'run') else key}=<file>), "
         "or retrain; a checkpoint cut short by a crash or a full disk cannot be repaired."
         f"{alternatives}"
