@@ -170,6 +170,14 @@ def newest_last_checkpoint(run_dir: str | Path) -> Path | None:
     return path if path.is_file() else None
 
 
+def checkpoints_in(folder: Path, limit: int = 50) -> list[Path]:
+    """The .ckpt files in ``folder`` and its checkpoints/ subfolder (then deeper), sorted."""
+    found = sorted(folder.glob("*.ckpt")) + sorted(folder.glob("checkpoints/*.ckpt"))
+    if not found:
+        found = sorted(p for _, p in zip(range(limit), folder.rglob("*.ckpt"), strict=False))
+    return found
+
+
 def rows_before(metrics_csv: str | Path, step: int) -> tuple[list[str], list[dict[str, str]]]:
     """The header and the rows of a CSV log logged before ``step`` (a resumed run logs the rest
     again); empty when there is no file."""
@@ -216,7 +224,7 @@ def plan_resume(cfg: DictConfig) -> ResumePlan | None:
     else:
         path = Path(str(value))
         if path.is_dir():
-            found = sorted(str(p) for p in path.glob("**/*.ckpt"))[:5]
+            found = [str(p) for p in checkpoints_in(path)[:5]]
             raise ConfigError(
                 f"ckpt_path={value} is a directory, not a checkpoint file. Pass a file (found: "
                 f"{', '.join(found) or 'no .ckpt files'}), or ckpt_path=auto with "

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffexp.cli import ConfigError
 from diffexp.guidance import check_classifier_option
+from diffexp.resume import checkpoints_in
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -148,7 +149,7 @@ def resolve_checkpoint(run: str | None, ckpt: str | None) -> Path | None:
             )
         path = run_dir / "checkpoints" / "last.ckpt"
         if not path.is_file():
-            found = _checkpoints_in(run_dir)
+            found = checkpoints_in(run_dir)
             fix = (
                 f" (checkpoints found: {', '.join(str(p) for p in found[:5])}). Pass ckpt=<one "
                 "of them> to choose one"
@@ -164,7 +165,7 @@ def resolve_checkpoint(run: str | None, ckpt: str | None) -> Path | None:
     if ckpt:
         path = Path(str(ckpt)).expanduser()
         if path.is_dir():
-            found = _checkpoints_in(path)
+            found = checkpoints_in(path)
             hint = (
                 f"run={ckpt} (it uses checkpoints/last.ckpt)"
                 if (path / "checkpoints" / "last.ckpt").is_file()
@@ -187,14 +188,6 @@ def resolve_checkpoint(run: str | None, ckpt: str | None) -> Path | None:
             )
         return path
     return None
-
-
-def _checkpoints_in(folder: Path, limit: int = 50) -> list[Path]:
-    """The .ckpt files in ``folder`` and its checkpoints/ subfolder (then deeper), sorted."""
-    found = sorted(folder.glob("*.ckpt")) + sorted(folder.glob("checkpoints/*.ckpt"))
-    if not found:
-        found = sorted(p for _, p in zip(range(limit), folder.rglob("*.ckpt"), strict=False))
-    return found
 
 
 # ---------------------------------------------------------------------- overrides

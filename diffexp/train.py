@@ -11,7 +11,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from diffexp.cli import CONF_DIR, ConfigError, refusing_bad_input, run_cli
+from diffexp.cli import CONF_DIR, ConfigError, in_multirun, refusing_bad_input, run_cli
 from diffexp.config_checks import check_train
 
 # Lightning, torch and the model are imported by ``train`` after the config is checked: a refusal
@@ -43,10 +43,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if continuing and plan.wandb_run_id and cfg.get("logger") and cfg.logger.get("wandb"):
         with open_dict(cfg):
             cfg.logger.wandb.id, cfg.logger.wandb.resume = plan.wandb_run_id, "allow"
-    kept_rows = csv_rows_before(cfg, plan.step) if continuing else None
     if continuing:  # a finished leg's summary is not this run's: it is written again at the end
         Path(cfg.paths.output_dir, "summary.json").unlink(missing_ok=True)
-    with training_run(cfg, kept_csv_rows=kept_rows) as trainer:
+    with training_run(cfg, continue_csv_before=plan.step if continuing else None) as trainer:
         if trainer.is_global_zero and plan is None:
             log_implied_weighting(module, datamodule.dim, trainer, Path(cfg.paths.output_dir))
         if module.has_trainable_parameters():
@@ -109,21 +108,9 @@ def interrupted_line(interrupted: Any, run_dir: Path) -> str:
     return f"stopped by {name} after step {interrupted.step}: last.ckpt written; {then}"
 
 
-def csv_rows_before(cfg: DictConfig, step: int) -> tuple[list[str], list[dict[str, str]]] | None:
-    """The CSV log's header and rows before ``step``, for a run continued in its own folder."""
-    from diffexp.resume import rows_before
-
-    csv_cfg = cfg.logger.get("csv") if cfg.get("logger") else None
-    if csv_cfg is None:
-        return None
-    version = csv_cfg.get("version")
-    folder = Path(csv_cfg.save_dir) / str(csv_cfg.get("name") or "") / str(version or "")
-    return rows_before(folder / "metrics.csv", step)
-
-
 def refuse_multirun_with_subprocess_ddp(cfg: DictConfig) -> None:
     """Hydra's local multirun launcher and Lightning's subprocess DDP do not mix: stop early."""
-    if not HydraConfig.initialized() or str(HydraConfig.get().mode) != "RunMode.MULTIRUN":
+    if not in_multirun():
         return
     launcher = str(HydraConfig.get().launcher.get("_target_", ""))
     strategy = str(cfg.trainer.get("strategy", "auto"))

@@ -15,6 +15,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from diffexp.cli import in_multirun
+
 log = logging.getLogger("diffexp")
 
 # the config groups that are the paper's choices: they become W&B tags and dashboard filters
@@ -53,10 +55,8 @@ def tag_wandb(cfg: DictConfig) -> None:
     tags = [f"{g}:{choices[g]}" for g in CHOICE_GROUPS if g in choices] + list(cfg.get("tags", []))
     with open_dict(cfg):
         wandb_cfg.tags = tags
-        if wandb_cfg.get("group") is None and HydraConfig.initialized():
-            hc = HydraConfig.get()
-            if str(hc.mode) == "RunMode.MULTIRUN":
-                wandb_cfg.group = Path(hc.sweep.dir).name
+        if wandb_cfg.get("group") is None and in_multirun():
+            wandb_cfg.group = Path(HydraConfig.get().sweep.dir).name
 
 
 def instantiate_all(cfg_group: DictConfig | None) -> list[Any]:
@@ -90,12 +90,10 @@ def closing_wandb() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def training_run(
-    cfg: DictConfig, kept_csv_rows: tuple[list[str], list[dict[str, str]]] | None = None
-) -> Iterator[Any]:
+def training_run(cfg: DictConfig, continue_csv_before: int | None = None) -> Iterator[Any]:
     """W&B tagged and closed afterwards; yields the Trainer with the configured loggers and
-    callbacks, the resolved config already logged to every logger. ``kept_csv_rows`` (header,
-    rows) start the CSV log of a run continued in its own folder."""
+    callbacks, the resolved config already logged to every logger. ``continue_csv_before``: the
+    step a run continued in its own folder resumes at (its CSV log keeps the rows before it)."""
     tag_wandb(cfg)
     with closing_wandb():
         loggers = instantiate_all(cfg.get("logger"))
@@ -103,9 +101,9 @@ def training_run(
         trainer = instantiate(
             cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=trainer_plugins(cfg)
         )
+        if continue_csv_before is not None:
+            continue_csv_log(loggers, continue_csv_before)
         log_config(loggers, cfg)
-        if kept_csv_rows is not None:
-            continue_csv_log(loggers, *kept_csv_rows)
         yield trainer
 
 
@@ -120,13 +118,18 @@ def trainer_plugins(cfg: DictConfig) -> list[Any]:
     return plugins
 
 
-def continue_csv_log(loggers: list[Any], header: list[str], rows: list[dict[str, str]]) -> None:
-    """Start each CSV logger's metrics.csv with the rows kept from before the resume point
-    (Lightning's CSV writer deletes the old file when it starts)."""
+def continue_csv_log(loggers: list[Any], step: int) -> None:
+    """Start each CSV logger's metrics.csv with its own rows from before ``step`` (Lightning's CSV
+    writer deletes the old file when it starts, so they are read first)."""
     from pytorch_lightning.loggers import CSVLogger
 
+    from diffexp.resume import rows_before
+
     for lg in loggers:
-        if isinstance(lg, CSVLogger) and rows:
+        if not isinstance(lg, CSVLogger):
+            continue
+        header, rows = rows_before(Path(lg.log_dir) / "metrics.csv", step)
+        if rows:
             writer = lg.experiment
             with open(writer.metrics_file_path, "w", newline="") as f:
                 out = csv.DictWriter(f, fieldnames=header)
