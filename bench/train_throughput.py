@@ -21,7 +21,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from pytorch_lightning.loggers import CSVLogger
 
-from diffexp.factory import build_datamodule, build_module
+from diffexp.build.factory import build_datamodule, build_module
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
 from diffexp.cli import ConfigError, refusing_bad_input  # noqa: E402
-from diffexp.utils import CHOICE_GROUPS as CHOICES  # noqa: E402
+from diffexp.training.loggers import CHOICE_GROUPS as CHOICES  # noqa: E402
 
 COLUMNS = (
     "val/elbo_nats",

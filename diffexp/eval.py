@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any
 import hydra
 from omegaconf import DictConfig
 
+from diffexp.build.checks import check_eval
+from diffexp.build.runs import check_request
 from diffexp.cli import CONF_DIR, refusing_bad_input, run_cli
-from diffexp.config_checks import check_eval
-from diffexp.runs import check_request
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
-    from diffexp.runs import LoadedModel
+    from diffexp.build.runs import LoadedModel
 
 # torch, Lightning and the metrics are imported where they are used: a refusal of the command
 # line (config_checks, runs.check_request) comes before them, in about a second
@@ -43,7 +43,7 @@ def split_loader(model: LoadedModel, split: str) -> Any:
 
 def split_batches(model: LoadedModel, cfg: DictConfig) -> Iterator[tuple[Tensor, Tensor | None]]:
     """The evaluated split's batches as (x0, y) on ``cfg.device`` (y None when unlabelled)."""
-    from diffexp.module import split_batch
+    from diffexp.data.datamodules import split_batch
 
     for batch in split_loader(model, cfg.split):
         x0, y = split_batch(batch)
@@ -125,7 +125,7 @@ def guided_model(model: LoadedModel, cfg: DictConfig) -> tuple[nn.Module, Tensor
     """The guided denoiser and the labels to sample (``n_samples`` of them), checked: a refusal
     (guidance=cfg on an unconditional model, a label it cannot honour) comes before any
     compute."""
-    from diffexp.runs import guided_denoiser, sampling_labels
+    from diffexp.build.runs import guided_denoiser, sampling_labels
 
     denoiser = guided_denoiser(model, cfg)
     return denoiser, sampling_labels(cfg, model, max(int(cfg.n_samples), 1), cfg.device)
@@ -136,11 +136,11 @@ def _sample_report(
 ) -> dict[str, Any]:
     import torch
 
-    from diffexp.factory import build_sampler
+    from diffexp.build.factory import build_sampler
+    from diffexp.build.runs import describe_guidance
     from diffexp.metrics.plots import plot_samples
     from diffexp.metrics.sample_kl import sample_kl
     from diffexp.metrics.sliced_wasserstein import sliced_wasserstein
-    from diffexp.runs import describe_guidance
 
     n = int(cfg.n_samples)
     dm = model.datamodule
@@ -205,11 +205,11 @@ def image_report(
     """FID / KID of the samples against the test split, and the FID between its two halves."""
     import torch
 
+    from diffexp.data.datamodules import split_batch
     from diffexp.metrics.features import build_feature_extractor
     from diffexp.metrics.fid import fid_kid
     from diffexp.metrics.plots import save_image_grid
-    from diffexp.module import split_batch
-    from diffexp.utils import log
+    from diffexp.training.loggers import log
 
     dm = model.datamodule
     data_cfg = model.config.data
@@ -334,14 +334,14 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     (data, network, schedule, ...) that differs from its stored config is refused. Everything that
     can be refused is, right after the model is loaded and before any compute.
     """
-    from diffexp.runs import load_model
+    from diffexp.build.runs import load_model
 
     out_dir = Path(cfg.paths.output_dir)
     model = load_model(
         cfg, device=cfg.device, overrides=overrides, need_data=True, seed=int(cfg.seed)
     )
     denoiser, labels = guided_model(model, cfg)
-    from diffexp.utils import log, write_json
+    from diffexp.training.loggers import log, write_json
 
     log_snr_max, log_snr_min = model.denoiser.schedule.endpoints
     metrics: dict[str, Any] = {

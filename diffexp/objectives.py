@@ -39,7 +39,7 @@ from diffexp.diffusion.parameterizations import Parameterization
 from diffexp.diffusion.schedules import Schedule
 from diffexp.diffusion.weighting import Weighting, implied_log_weight, is_monotone
 from diffexp.metrics.plots import plot_weightings
-from diffexp.utils import hydra_choices, log, write_json
+from diffexp.training.loggers import hydra_choices, log, write_json
 
 
 @dataclass

@@ -12,9 +12,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from diffexp.build.checks import check_sample
+from diffexp.build.runs import check_request
 from diffexp.cli import CONF_DIR, refusing_bad_input, run_cli
-from diffexp.config_checks import check_sample
-from diffexp.runs import check_request
 
 # torch, Lightning and the samplers are imported in ``sample``: a refusal of the command line
 # (config_checks, runs.check_request) comes before them, in about a second
@@ -26,16 +26,16 @@ def sample(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
     ``overrides``: the command line's (Hydra's task overrides); one of what the checkpoint defines
     that differs from its stored config is refused, before any compute.
     """
-    from diffexp.runs import describe_guidance, guided_denoiser, load_model, sampling_labels
+    from diffexp.build.runs import describe_guidance, guided_denoiser, load_model, sampling_labels
 
     out_dir = Path(cfg.paths.output_dir)
     model = load_model(cfg, device=cfg.device, overrides=overrides, seed=int(cfg.seed))
     import numpy as np
     import torch
 
-    from diffexp.factory import build_sampler
+    from diffexp.build.factory import build_sampler
     from diffexp.metrics.plots import plot_samples, save_image_grid
-    from diffexp.utils import log
+    from diffexp.training.loggers import log
 
     sampler = build_sampler(cfg.sampler, cfg.get("steps"))
     denoiser = guided_denoiser(model, cfg)

@@ -11,8 +11,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from diffexp.build.checks import check_train
 from diffexp.cli import CONF_DIR, ConfigError, in_multirun, refusing_bad_input, run_cli
-from diffexp.config_checks import check_train
 
 # Lightning, torch and the model are imported by ``train`` after the config is checked: a refusal
 # of a bad value takes a fraction of a second, not the seconds those imports cost.
@@ -22,18 +22,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured module, validate it once more, and return the final val metrics.
 
     ``ckpt_path`` resumes (a file, or ``auto``: this run folder's last.ckpt when there is one);
-    a stop on a signal exits with ``diffexp.preemption.Interrupted`` after writing last.ckpt.
+    a stop on a signal exits with ``training.preemption.Interrupted`` after writing last.ckpt.
     """
     check_train(cfg)
     refuse_multirun_with_subprocess_ddp(cfg)
-    from diffexp.resume import plan_resume
+    from diffexp.training.resume import plan_resume
 
     plan = plan_resume(cfg)
     import pytorch_lightning as pl
 
-    from diffexp.factory import build_datamodule, build_module
+    from diffexp.build.factory import build_datamodule, build_module
     from diffexp.objectives import log_implied_weighting
-    from diffexp.utils import offline_wandb_by_default, training_run, write_json
+    from diffexp.training.loggers import offline_wandb_by_default, training_run, write_json
 
     offline_wandb_by_default()
     pl.seed_everything(cfg.seed, workers=True)
@@ -51,7 +51,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if module.has_trainable_parameters():
             fit(trainer, module, datamodule, plan)
         else:
-            from diffexp.utils import log
+            from diffexp.training.loggers import log
 
             log.info(
                 "nothing to train (network=%s has no parameters): validating only",
@@ -72,7 +72,7 @@ def fit(trainer: Any, module: Any, datamodule: Any, plan: Any) -> None:
     preemption signal stop it at a step's end, and it exits with ``Interrupted``."""
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from diffexp.preemption import GracefulStop
+    from diffexp.training.preemption import GracefulStop
 
     stop = GracefulStop(trainer)
     if trainer.world_size == 1:

@@ -19,17 +19,17 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffexp.classifier_module import (
+from diffexp.build.factory import ConfigError, build_datamodule
+from diffexp.cli import CONF_DIR, refusing_bad_input, run_cli
+from diffexp.data import LABELLED_DATA
+from diffexp.networks.classifier import NoisyConvClassifier, NoisyMLPClassifier
+from diffexp.training.classifier_module import (
     CLASSIFIER_CLASSES,
     NETWORK_KEY,
     NoisyClassifierModule,
     build_classifier_from_spec,
 )
-from diffexp.cli import CONF_DIR, refusing_bad_input, run_cli
-from diffexp.data import LABELLED_DATA
-from diffexp.factory import ConfigError, build_datamodule
-from diffexp.networks.classifier import NoisyConvClassifier, NoisyMLPClassifier
-from diffexp.utils import (
+from diffexp.training.loggers import (
     hydra_choices,
     offline_wandb_by_default,
     training_run,

@@ -350,8 +350,8 @@ def test_bad_input_is_refused_clearly_before_compute(runs, case):
 
 # ---------------------------------------------------------------------- runs: the messages
 def test_a_run_folder_as_ckpt_lists_the_checkpoints_inside(tmp_path):
+    from diffexp.build.runs import resolve_checkpoint
     from diffexp.cli import ConfigError
-    from diffexp.runs import resolve_checkpoint
 
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
@@ -375,8 +375,8 @@ def test_a_run_folder_as_ckpt_lists_the_checkpoints_inside(tmp_path):
     ],
 )
 def test_unreadable_checkpoints_get_our_message_not_torchs(tmp_path, content, what):
-    from diffexp.checkpoint_io import load_checkpoint
     from diffexp.cli import ConfigError
+    from diffexp.training.checkpoint_io import load_checkpoint
 
     path = tmp_path / "x.ckpt"
     path.write_bytes(content)
@@ -390,7 +390,7 @@ def test_unreadable_checkpoints_get_our_message_not_torchs(tmp_path, content, wh
 def test_overrides_equal_to_the_stored_config_and_defaults_are_not_refused():
     from omegaconf import OmegaConf
 
-    from diffexp.runs import checkpoint_overrides
+    from diffexp.build.runs import checkpoint_overrides
 
     cfg = OmegaConf.create(
         {"seed": 3, "data": {"_target_": "D", "preset": "ring8", "seed": "${seed}"}, "n_t": 4}
@@ -419,8 +419,8 @@ def test_overrides_equal_to_the_stored_config_and_defaults_are_not_refused():
 def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch, failure):
     import torch
 
-    from diffexp import checkpoint_io
-    from diffexp.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
+    from diffexp.training import checkpoint_io
+    from diffexp.training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 
     io = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"
@@ -445,8 +445,8 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeyp
 def test_a_failed_first_write_leaves_no_file(tmp_path, monkeypatch):
     import torch
 
-    from diffexp import checkpoint_io
-    from diffexp.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
+    from diffexp.training import checkpoint_io
+    from diffexp.training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 
     def broken(obj, f, *args, **kwargs):
         raise OSError(errno.EIO, "Input/output error")

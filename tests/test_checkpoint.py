@@ -11,9 +11,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from diffexp.checkpoint_io import load_checkpoint
-from diffexp.factory import build_datamodule, build_module
-from diffexp.runs import load_model
+from diffexp.build.factory import build_datamodule, build_module
+from diffexp.build.runs import load_model
+from diffexp.training.checkpoint_io import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,7 +95,7 @@ def test_a_file_that_is_not_a_diffexp_checkpoint_is_refused(tmp_path):
 
 
 def test_a_failed_checkpoint_write_never_overwrites_a_good_one(tmp_path):
-    from diffexp.checkpoint_io import AtomicCheckpointIO
+    from diffexp.training.checkpoint_io import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"
@@ -113,7 +113,7 @@ def test_the_ema_update_is_torchs_and_the_module_pickles():
     closure) pickles, so ``trainer=ddp_spawn`` can send the module to its processes."""
     from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-    from diffexp.module import EMAUpdate
+    from diffexp.training.optim import EMAUpdate
 
     gen = torch.Generator().manual_seed(0)
     ema = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)]

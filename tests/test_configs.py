@@ -12,14 +12,14 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 
-from diffexp.factory import (
+from diffexp.build.factory import (
     ConfigError,
     build_datamodule,
     build_denoiser,
     build_module,
     build_sampler,
 )
-from diffexp.utils import CHOICE_GROUPS
+from diffexp.training.loggers import CHOICE_GROUPS
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = [

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
+from diffexp.build.factory import ConfigError
 from diffexp.eval import evaluate
-from diffexp.factory import ConfigError
 from diffexp.sample import sample
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")

@@ -94,7 +94,7 @@ from pathlib import Path  # noqa: E402
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from diffexp.factory import ConfigError, build_datamodule, build_module  # noqa: E402
+from diffexp.build.factory import ConfigError, build_datamodule, build_module  # noqa: E402
 from diffexp.train import train  # noqa: E402
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")

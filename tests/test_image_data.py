@@ -299,8 +299,8 @@ def test_absent_files_are_a_config_error_naming_data_dir_when_required(tmp_path,
 def test_build_datamodule_requires_the_files_only_when_asked(tmp_path):
     from omegaconf import OmegaConf
 
+    from diffexp.build.factory import build_datamodule
     from diffexp.data.images import MissingDataError
-    from diffexp.factory import build_datamodule
 
     cfg = OmegaConf.create(
         {"_target_": "diffexp.data.images.MNISTDataModule", "data_dir": str(tmp_path)}

@@ -1,6 +1,7 @@
 """The layers point down: no import cycle among diffexp's modules (function-level imports
-included), and the core (``diffusion/``) and ``metrics/`` import neither Hydra nor Lightning nor
-anything of diffexp above them. Checked by parsing every module's imports."""
+included), every module imports only its own layer and the layers below it (the order of the
+README's Layout section), and the core (``diffusion/``) and ``metrics/`` import neither Hydra nor
+Lightning. Checked by parsing every module's imports."""
 
 from __future__ import annotations
 
@@ -13,6 +14,18 @@ PACKAGE = Path(__file__).resolve().parents[1] / "diffexp"
 FRAMEWORKS = ("hydra", "omegaconf", "pytorch_lightning", "lightning", "lightning_fabric")
 # a layer may import itself and what is listed here (of diffexp), nothing else of diffexp
 BELOW = {"diffexp.diffusion": (), "diffexp.metrics": ("diffexp.diffusion",)}
+# the layers, bottom up; a module may import its own layer and those with a lower number. The
+# top-level modules other than cli are the entry points.
+LAYERS = {
+    "diffexp.cli": 0,
+    "diffexp.diffusion": 1,
+    "diffexp.data": 2,
+    "diffexp.metrics": 2,
+    "diffexp.networks": 3,
+    "diffexp.training": 4,
+    "diffexp.build": 5,
+}
+ENTRY_POINTS = 6
 
 
 def _module_name(path: Path) -> str:
@@ -100,3 +113,18 @@ def test_the_core_and_metrics_import_no_framework_and_nothing_above_them(layer):
         allowed = (layer, *BELOW[layer])
         above = [d for d in _diffexp_deps(name) if not d.startswith(allowed)]
         assert not above, (name, above)
+
+
+def _layer(name: str) -> int:
+    for prefix, layer in LAYERS.items():
+        if name == prefix or name.startswith(prefix + "."):
+            return layer
+    assert name.count(".") <= 1, f"{name} is in no layer: add its package to LAYERS and the README"
+    return ENTRY_POINTS
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_every_module_imports_only_its_layer_and_those_below(name):
+    layer = _layer(name)
+    upward = [d for d in _diffexp_deps(name) if _layer(d) > layer]
+    assert not upward, f"{name} (layer {layer}) imports {upward} from above it"

@@ -8,15 +8,15 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from diffexp.build.factory import ConfigError, build_datamodule, build_module
 from diffexp.data.mixtures import make_mixture
 from diffexp.diffusion import schedules as S
 from diffexp.diffusion.denoiser import Denoiser
 from diffexp.diffusion.elbo import elbo_terms
 from diffexp.diffusion.parameterizations import get_parameterization
 from diffexp.diffusion.weighting import ELBO
-from diffexp.factory import ConfigError, build_datamodule, build_module
-from diffexp.module import DiffusionModule
 from diffexp.networks import MLP
+from diffexp.training.diffusion_module import DiffusionModule
 from tests.helpers import F64, oracle_denoiser
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")

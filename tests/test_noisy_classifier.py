@@ -9,12 +9,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from diffexp.classifier_module import NoisyClassifierModule, load_noisy_classifier
+from diffexp.build.factory import ConfigError
 from diffexp.diffusion.elbo import diffuse
 from diffexp.diffusion.schedules import Learned, LogLinear
-from diffexp.factory import ConfigError
 from diffexp.networks.classifier import NoisyConvClassifier, NoisyMLPClassifier
 from diffexp.train_classifier import train_noisy_classifier
+from diffexp.training.classifier_module import NoisyClassifierModule, load_noisy_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 # measured KL(p || p_phi) at log-SNR in [5, 10] after the run below: 2e-4 .. 8e-4 nats (seeds

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from diffexp.resume import (
+from diffexp.training.resume import (
     config_changes,
     data_position,
     reopen_stopped_epoch,

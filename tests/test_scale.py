@@ -47,7 +47,7 @@ def test_slurm_launcher_config_maps_devices_to_gpus_per_node():
 
 
 def test_each_ddp_rank_draws_its_own_noise(tmp_path):
-    from diffexp.factory import build_datamodule, build_module
+    from diffexp.build.factory import build_datamodule, build_module
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"paths.output_dir={tmp_path}"])

@@ -15,10 +15,10 @@ import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 
+from diffexp.build.factory import build_module
 from diffexp.data.datamodules import VectorDataModule
-from diffexp.factory import build_module
-from diffexp.module import NonFiniteLossError
 from diffexp.train import train
+from diffexp.training.diffusion_module import NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,6 +15,7 @@ from ``(seed, stream)`` with a different stream per split, so train/val/test are
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -397,3 +398,10 @@ class ToyDataModule(VectorDataModule):
 # Valid names, for configs and error messages.
 MIXTURE_PRESETS = tuple(PRESETS)
 TOY_DATASETS = tuple(_TOYS)
+
+
+def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
+    """(x0, y) from a batch ``(x,)`` / ``(x, y)`` / tensor; y is None for unlabelled data."""
+    if isinstance(batch, Tensor):
+        return batch, None
+    return batch[0], (batch[1] if len(batch) > 1 else None)

@@ -6,7 +6,7 @@ epoch, every ``every_n_train_steps`` optimizer steps and every ``every_n_minutes
 kill loses at most that much work. A step inside an epoch is skipped when it is the epoch's last
 batch or validation runs after it: Lightning resumes such a state without that validation, so the
 checkpoint waits for the epoch's end. Writes go through the Trainer's checkpoint IO (atomic:
-``diffexp.checkpoint_io``), on every rank as Lightning requires (rank 0 writes).
+``diffexp.training.checkpoint_io``), on every rank as Lightning requires (rank 0 writes).
 """
 
 from __future__ import annotations

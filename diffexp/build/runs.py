@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from diffexp.build.guidance_specs import check_classifier_option
 from diffexp.cli import ConfigError
-from diffexp.guidance import check_classifier_option
-from diffexp.resume import checkpoints_in
+from diffexp.training.resume import checkpoints_in
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -57,7 +57,7 @@ class LoadedModel:
     @property
     def reconstruction_nll(self) -> ReconstructionNLL:
         """The data's decoder (discretized for images)."""
-        from diffexp.factory import reconstruction_nll_of
+        from diffexp.build.factory import reconstruction_nll_of
 
         return reconstruction_nll_of(self.datamodule)
 
@@ -286,7 +286,7 @@ def load_model(
     """
     path = resolve_checkpoint(cfg.get("run"), cfg.get("ckpt"))
     if path is None:
-        from diffexp.factory import build_datamodule, build_denoiser
+        from diffexp.build.factory import build_datamodule, build_denoiser
 
         _seed(seed)
         datamodule = build_datamodule(cfg.data, require_files=need_data)
@@ -299,14 +299,17 @@ def load_model(
         return LoadedModel(
             denoiser.to(device), datamodule, int(cfg.model.get("T", 0)), "oracle", cfg
         )
-    from diffexp.checkpoint_io import checkpoint_name, load_checkpoint  # torch and Lightning
+    from diffexp.training.checkpoint_io import (
+        checkpoint_name,
+        load_checkpoint,
+    )  # torch and Lightning
 
     source = f"run={cfg.run}" if cfg.get("run") else f"ckpt={cfg.ckpt}"
     key = "run" if cfg.get("run") else "ckpt"
     state = load_checkpoint(path, key=key)
     train_cfg = OmegaConf.create(state["diffexp_config"])
     refuse_checkpoint_overrides(cfg, train_cfg, overrides, source)
-    from diffexp.factory import build_datamodule, build_module  # the training stack: seconds
+    from diffexp.build.factory import build_datamodule, build_module  # the training stack: seconds
 
     _seed(seed)
     datamodule = build_datamodule(train_cfg.data, require_files=need_data)
@@ -366,8 +369,8 @@ def load_weights(module: Any, weights: dict[str, Any], where: str, train_cfg: Di
 # ---------------------------------------------------------------------- guidance and labels
 def guided_denoiser(model: LoadedModel, cfg: DictConfig) -> nn.Module:
     """The model wrapped by the configured guidance (``guidance=...``; none: as it is)."""
-    from diffexp.factory import build_guidance
-    from diffexp.guidance import ClassifierGuided, NoGuidance
+    from diffexp.build.factory import build_guidance
+    from diffexp.build.guidance_specs import ClassifierGuided, NoGuidance
 
     spec = build_guidance(cfg, model.datamodule) if cfg.get("guidance") else NoGuidance()
     if isinstance(spec, ClassifierGuided):

@@ -108,7 +108,7 @@ def training_run(cfg: DictConfig, continue_csv_before: int | None = None) -> Ite
 
 
 def trainer_plugins(cfg: DictConfig) -> list[Any]:
-    """The configured plugins; on SLURM, Lightning's own requeue is off (``diffexp.preemption``
+    """The configured plugins; on SLURM, Lightning's own requeue is off (``training.preemption``
     stops at a step's end, writes last.ckpt and requeues)."""
     plugins = [instantiate(p) for p in cfg.trainer.get("plugins") or []]
     from lightning_fabric.plugins.environments import SLURMEnvironment
@@ -123,7 +123,7 @@ def continue_csv_log(loggers: list[Any], step: int) -> None:
     writer deletes the old file when it starts, so they are read first)."""
     from pytorch_lightning.loggers import CSVLogger
 
-    from diffexp.resume import rows_before
+    from diffexp.training.resume import rows_before
 
     for lg in loggers:
         if not isinstance(lg, CSVLogger):

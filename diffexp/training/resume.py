@@ -248,7 +248,7 @@ def plan_resume(cfg: DictConfig) -> ResumePlan | None:
 def read_checkpoint(path: Path, key: str) -> dict[str, Any]:
     """A diffexp training checkpoint's contents (``checkpoint_io.load_checkpoint``'s safe
     reading); a ConfigError naming ``key`` when it has no loop state to resume."""
-    from diffexp.checkpoint_io import load_checkpoint
+    from diffexp.training.checkpoint_io import load_checkpoint
 
     state = load_checkpoint(path, key)
     if "loops" not in state:

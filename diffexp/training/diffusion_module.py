@@ -10,7 +10,6 @@ EMA weights (``torch.optim.swa_utils.AveragedModel``) are what is evaluated and 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -21,14 +20,15 @@ from torch import Tensor
 from torch.optim.swa_utils import AveragedModel
 
 from diffexp.cli import EXIT_FAILED
-from diffexp.data.datamodules import derive_seed
+from diffexp.data.datamodules import derive_seed, split_batch
 from diffexp.diffusion.denoiser import Denoiser
 from diffexp.diffusion.elbo import ReconstructionNLL, gaussian_reconstruction_nll
 from diffexp.diffusion.loss import HEAVY_TAILED_SPREAD, LossOutput, WeightedLoss
 from diffexp.diffusion.noise_sampling import NoiseSampling, ScheduleTimes
 from diffexp.diffusion.schedules import Learned, Schedule
 from diffexp.diffusion.weighting import Weighting
-from diffexp.resume import data_position, reopen_stopped_epoch, start_next_epoch
+from diffexp.training.optim import EMAUpdate, optimizers_with_schedule
+from diffexp.training.resume import data_position, reopen_stopped_epoch, start_next_epoch
 
 # the validation noise's seed stream (the data's streams are 0-4)
 _VALIDATION_STREAM = 101
@@ -38,30 +38,6 @@ class NonFiniteLossError(FloatingPointError):
     """Raised when the training loss is NaN or infinite; the message names the step and term."""
 
     exit_code = EXIT_FAILED  # the message says what happened and what to do: no traceback
-
-
-class EMAUpdate:
-    """ema <- decay * ema + (1 - decay) * current for lists of tensors (torch's
-    ``get_ema_multi_avg_fn``, the same operations): a class, so the module pickles
-    (``trainer=ddp_spawn`` sends it to its processes)."""
-
-    def __init__(self, decay: float) -> None:
-        self.decay = float(decay)
-
-    @torch.no_grad()
-    def __call__(self, ema: list[Tensor], current: list[Tensor], _: Any = None) -> None:
-        if torch.is_floating_point(ema[0]) or torch.is_complex(ema[0]):
-            torch._foreach_lerp_(ema, current, 1 - self.decay)
-        else:
-            for p_ema, p_model in zip(ema, current, strict=True):
-                p_ema.copy_(p_ema * self.decay + p_model * (1 - self.decay))
-
-
-def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
-    """(x0, y) from a batch ``(x,)`` / ``(x, y)`` / tensor; y is None for unlabelled data."""
-    if isinstance(batch, Tensor):
-        return batch, None
-    return batch[0], (batch[1] if len(batch) > 1 else None)
 
 
 class DiffusionModule(pl.LightningModule):
@@ -350,32 +326,3 @@ def check_variance_objective(weighting: Weighting, T: int) -> None:
             f"model.T={T}: a T-step model's ELBO depends on the schedule's interior, so "
             "E[L^2] is not its variance; use schedule=learned for a T-step model"
         )
-
-
-def optimizers_with_schedule(
-    optimizer: torch.optim.Optimizer, lr_scheduler_factory: Callable[..., Any] | None
-) -> Any:
-    """Lightning's configure_optimizers value: the optimizer, with a per-step LR schedule."""
-    if lr_scheduler_factory is None:
-        return optimizer
-    scheduler = lr_scheduler_factory(optimizer)
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def cosine_warmup(
-    optimizer: torch.optim.Optimizer,
-    total_steps: int,
-    warmup_steps: int = 0,
-    final_frac: float = 0.0,
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """lr factor: linear warm-up to 1, then cosine decay to ``final_frac`` at ``total_steps``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if total_steps <= 0:  # no known length (epoch-based runs): constant after warm-up
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

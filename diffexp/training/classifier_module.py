@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffexp.checkpoint_io import load_checkpoint
 from diffexp.data import LABELLED_DATA
+from diffexp.data.datamodules import split_batch
 from diffexp.diffusion.elbo import diffuse, stratified_times
 from diffexp.diffusion.schedules import Schedule
-from diffexp.module import optimizers_with_schedule, split_batch
 from diffexp.networks.classifier import NoisyConvClassifier, NoisyMLPClassifier
+from diffexp.training.checkpoint_io import load_checkpoint
+from diffexp.training.optim import optimizers_with_schedule
 
 __all__ = [
     "CLASSIFIER_CLASSES",

@@ -9,12 +9,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from diffexp.build.guidance_specs import NoGuidance
 from diffexp.cli import ConfigError
 from diffexp.data import LABELLED_DATA
 from diffexp.diffusion.denoiser import Denoiser
 from diffexp.diffusion.elbo import gaussian_reconstruction_nll
-from diffexp.guidance import NoGuidance
-from diffexp.module import DiffusionModule
+from diffexp.training.diffusion_module import DiffusionModule
 
 # keys of a data config that describe the data for other parts (schedule endpoints, FID features)
 DATA_INFO_KEYS = (

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from diffexp.data.datamodules import split_batch
 from diffexp.diffusion.samplers import Sampler
 from diffexp.metrics.features import build_feature_extractor
 from diffexp.metrics.fid import FIDMetric
-from diffexp.module import split_batch
-from diffexp.utils import write_json
+from diffexp.training.loggers import write_json
 
 
 class FIDMonitor(pl.Callback):

@@ -122,6 +122,6 @@ class ClassifierGuided:
             from diffexp.networks.oracle import OracleClassifier
 
             return OracleClassifier(mixture)
-        from diffexp.classifier_module import load_noisy_classifier
+        from diffexp.training.classifier_module import load_noisy_classifier
 
         return load_noisy_classifier(str(self.classifier))

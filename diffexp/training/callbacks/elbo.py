@@ -7,9 +7,9 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from diffexp.data.datamodules import split_batch
 from diffexp.diffusion.elbo import elbo_terms
 from diffexp.metrics.elbo import elbo_metrics
-from diffexp.module import split_batch
 
 
 class ELBOMonitor(pl.Callback):

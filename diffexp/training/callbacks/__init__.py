@@ -1,0 +1,8 @@
+"""Callbacks: last.ckpt for resuming, the ELBO on validation, sample plots and grids, FID."""
+
+from diffexp.training.callbacks.checkpoint import LastCheckpoint
+from diffexp.training.callbacks.elbo import ELBOMonitor
+from diffexp.training.callbacks.fid import FIDMonitor
+from diffexp.training.callbacks.samples import SamplePlot
+
+__all__ = ["ELBOMonitor", "FIDMonitor", "LastCheckpoint", "SamplePlot"]
