@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -10,8 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffexp.build.guidance_specs import NoGuidance
-from diffexp.cli import ConfigError
-from diffexp.data import LABELLED_DATA
+from diffexp.cli import CONF_DIR, ConfigError
 from diffexp.diffusion.denoiser import Denoiser
 from diffexp.diffusion.elbo import gaussian_reconstruction_nll
 from diffexp.training.diffusion_module import DiffusionModule
@@ -55,9 +55,26 @@ def build_guidance(cfg: DictConfig, datamodule: Any) -> Any:
         raise ConfigError(
             f"guidance={type(spec).__name__} needs a labelled data set; "
             f"{type(datamodule).__name__}({getattr(datamodule, 'name', '')}) has no labels. "
-            f"Use a labelled one ({', '.join(LABELLED_DATA)}) or guidance=none."
+            f"Use a labelled one ({', '.join(labelled_data_options(cfg))}) or guidance=none."
         )
     return spec
+
+
+def labelled_data_options(cfg: DictConfig) -> list[str]:
+    """The ``data=`` options whose data module has labels (``num_classes`` > 0), found by building
+    each option of ``conf/data`` in ``cfg`` (for error messages: it takes a second)."""
+    base = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    OmegaConf.set_struct(base, False)
+    labelled = []
+    for path in sorted(Path(CONF_DIR, "data").glob("*.yaml")):
+        base.data = OmegaConf.load(path)
+        try:
+            datamodule = build_datamodule(base.data)
+        except Exception:  # an option that cannot be built here is not offered
+            continue
+        if getattr(datamodule, "num_classes", 0):
+            labelled.append(path.stem)
+    return labelled
 
 
 def build_network(
@@ -114,11 +131,12 @@ def _square_size(shape: tuple[int, ...]) -> int:
     return int(shape[1])
 
 
-def build_denoiser(cfg: DictConfig, datamodule: Any) -> Denoiser:
-    """network + parameterization + schedule, checked on a dummy batch of the data's shape."""
+def build_denoiser(cfg: DictConfig, datamodule: Any, guidance: Any = None) -> Denoiser:
+    """network + parameterization + schedule, checked on a dummy batch of the data's shape;
+    ``guidance``: the built guidance spec (built here when not given)."""
     schedule = instantiate(cfg.schedule)
     parameterization = instantiate(cfg.parameterization)
-    guidance = build_guidance(cfg, datamodule)
+    guidance = guidance or build_guidance(cfg, datamodule)
     try:
         network = build_network(
             cfg.network, datamodule, parameterization, conditional=guidance.conditional_network
@@ -151,9 +169,10 @@ def build_module(cfg: DictConfig, datamodule: Any) -> DiffusionModule:
     """The LightningModule for ``cfg`` on ``datamodule``."""
     model = cfg.model
     lr_scheduler = model.get("lr_scheduler")
+    guidance = build_guidance(cfg, datamodule)
     pieces = {
-        "p_uncond": build_guidance(cfg, datamodule).p_uncond,
-        "denoiser": build_denoiser(cfg, datamodule),
+        "p_uncond": guidance.p_uncond,
+        "denoiser": build_denoiser(cfg, datamodule, guidance),
         "weighting": instantiate(cfg.weighting),
         "noise_sampling": instantiate(cfg.noise_sampling) if cfg.get("noise_sampling") else None,
         "optimizer": instantiate(model.optimizer),

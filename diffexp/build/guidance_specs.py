@@ -1,7 +1,9 @@
 """The ``guidance`` config group: what a run trains (label dropout) and how it samples.
 
 Each option is a small spec with a ``_target_``: ``NoGuidance``, ``CFG`` (classifier-free) and
-``ClassifierGuided``. ``wrap(denoiser)`` returns the Denoiser that samplers and metrics use.
+``ClassifierGuided``. ``wrap(denoiser, classifier)`` returns the Denoiser that samplers and
+metrics use; a spec does no I/O: the loader (``build.runs``) loads the classifier of a spec
+with ``needs_classifier`` and hands it in.
 Convention (classifier-free): eps = w eps(x_t, y) + (1 - w) eps(x_t, null), so w = 0 is the
 unconditional model, w = 1 the conditional one, w > 1 sharpens.
 
@@ -61,10 +63,11 @@ class NoGuidance:
     """An unconditional model, sampled as it is."""
 
     needs_labels = False
+    needs_classifier = False
     conditional_network = False
     p_uncond = 0.0
 
-    def wrap(self, denoiser: Denoiser) -> nn.Module:
+    def wrap(self, denoiser: Denoiser, classifier: nn.Module | None = None) -> nn.Module:
         """The denoiser itself."""
         return denoiser
 
@@ -76,13 +79,14 @@ class CFG:
     scale: float = 3.0
     p_uncond: float = 0.1
     needs_labels = True
+    needs_classifier = False
     conditional_network = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.p_uncond < 1.0:
             raise ValueError(f"guidance.p_uncond must be in (0, 1), got {self.p_uncond}")
 
-    def wrap(self, denoiser: Denoiser) -> nn.Module:
+    def wrap(self, denoiser: Denoiser, classifier: nn.Module | None = None) -> nn.Module:
         """w eps(x_t, y) + (1 - w) eps(x_t, null), null = the network's num_classes."""
         from diffexp.diffusion.guidance import ClassifierFreeGuidance
 
@@ -100,28 +104,14 @@ class ClassifierGuided:
     classifier: str | None = "oracle"
     scale: float = 1.0
     needs_labels = True
+    needs_classifier = True
     conditional_network = False
     p_uncond = 0.0
 
-    def wrap(self, denoiser: Denoiser, mixture=None) -> nn.Module:
-        """score + w grad log p_phi(y | x_t)."""
+    def wrap(self, denoiser: Denoiser, classifier: nn.Module | None = None) -> nn.Module:
+        """score + w grad log p_phi(y | x_t), p_phi the loaded ``classifier``."""
         from diffexp.diffusion.guidance import ClassifierGuidance
 
-        return ClassifierGuidance(denoiser, self.load_classifier(mixture), self.scale)
-
-    def load_classifier(self, mixture=None) -> nn.Module:
-        """The noisy classifier: the mixture's exact one, or a trained checkpoint."""
-        check_classifier_option(self.classifier)
-        if self.classifier == "oracle":
-            if mixture is None:
-                raise ConfigError(
-                    "guidance.classifier=oracle needs a Gaussian-mixture data set (ring8, grid25, "
-                    f"mixture1d); train a classifier with `{TRAIN_CLASSIFIER}` and pass "
-                    "guidance.classifier=<its checkpoints/last.ckpt>"
-                )
-            from diffexp.networks.oracle import OracleClassifier
-
-            return OracleClassifier(mixture)
-        from diffexp.training.classifier_module import load_noisy_classifier
-
-        return load_noisy_classifier(str(self.classifier))
+        if classifier is None:
+            raise ValueError("classifier guidance wraps a loaded classifier; none was given")
+        return ClassifierGuidance(denoiser, classifier, self.scale)

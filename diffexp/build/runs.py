@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from diffexp.build.guidance_specs import check_classifier_option
+from diffexp.build.guidance_specs import TRAIN_CLASSIFIER, check_classifier_option
 from diffexp.cli import ConfigError
 from diffexp.training.resume import checkpoints_in
 
@@ -368,13 +368,11 @@ def load_weights(module: Any, weights: dict[str, Any], where: str, train_cfg: Di
 
 # ---------------------------------------------------------------------- guidance and labels
 def guided_denoiser(model: LoadedModel, cfg: DictConfig) -> nn.Module:
-    """The model wrapped by the configured guidance (``guidance=...``; none: as it is)."""
+    """The model wrapped by the configured guidance (``guidance=...``; none: as it is), with the
+    classifier of classifier guidance loaded here."""
     from diffexp.build.factory import build_guidance
-    from diffexp.build.guidance_specs import ClassifierGuided, NoGuidance
 
-    spec = build_guidance(cfg, model.datamodule) if cfg.get("guidance") else NoGuidance()
-    if isinstance(spec, ClassifierGuided):
-        return spec.wrap(model.denoiser, getattr(model.datamodule, "mixture", None))
+    spec = build_guidance(cfg, model.datamodule)
     if spec.conditional_network and not getattr(model.denoiser.network, "num_classes", 0):
         where = f"the model of {model.source}" if model.source != "oracle" else "this model"
         raise ConfigError(
@@ -383,7 +381,30 @@ def guided_denoiser(model: LoadedModel, cfg: DictConfig) -> nn.Module:
             "guidance=classifier (classifier guidance of an unconditional model), or drop "
             "guidance=cfg."
         )
-    return spec.wrap(model.denoiser)
+    classifier = (
+        load_classifier(spec.classifier, model.datamodule) if spec.needs_classifier else None
+    )
+    return spec.wrap(model.denoiser, classifier)
+
+
+def load_classifier(option: str | None, datamodule: Any) -> nn.Module:
+    """The noisy classifier of ``guidance.classifier``: the mixture's exact one (``oracle``), or
+    a checkpoint of ``python -m diffexp.train_classifier`` (a file or its run folder)."""
+    check_classifier_option(option)
+    if option == "oracle":
+        mixture = getattr(datamodule, "mixture", None)
+        if mixture is None:
+            raise ConfigError(
+                "guidance.classifier=oracle needs a Gaussian-mixture data set (ring8, grid25, "
+                f"mixture1d); train a classifier with `{TRAIN_CLASSIFIER}` and pass "
+                "guidance.classifier=<its checkpoints/last.ckpt>"
+            )
+        from diffexp.networks.oracle import OracleClassifier
+
+        return OracleClassifier(mixture)
+    from diffexp.training.classifier_module import load_noisy_classifier
+
+    return load_noisy_classifier(str(option))
 
 
 def sampling_labels(cfg: DictConfig, model: LoadedModel, n: int, device: str) -> Tensor | None:
@@ -393,7 +414,9 @@ def sampling_labels(cfg: DictConfig, model: LoadedModel, n: int, device: str) ->
 
     num_classes = getattr(model.datamodule, "num_classes", 0)
     conditional = bool(getattr(model.denoiser.network, "num_classes", 0))
-    guided = cfg.get("guidance") and cfg.guidance.get("_target_", "").split(".")[-1] != "NoGuidance"
+    from diffexp.build.factory import build_guidance
+
+    guided = build_guidance(cfg, model.datamodule).needs_labels
     chosen = chosen_labels(cfg)
     asked = f"label={cfg.label}" if cfg.get("label") is not None else f"labels={_show(cfg.labels)}"
     if chosen is not None and not (conditional or guided):

@@ -7,6 +7,7 @@ The ELBO, samplers, metrics and guidance talk to a Denoiser, never to a raw netw
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +49,26 @@ class DenoiserOutput:
     def score(self) -> Tensor:
         """grad log q(x_t) = -eps_hat / s (Tweedie)."""
         return -self.eps_hat / torch.sigmoid(-self.log_snr).sqrt()
+
+
+@runtime_checkable
+class DenoiserLike(Protocol):
+    """What samplers, metrics and guidance call: a Denoiser, or a wrapper that is one."""
+
+    network: nn.Module
+    parameterization: Parameterization
+    schedule: Schedule
+
+    def __call__(
+        self,
+        x_t: Tensor,
+        t: Tensor | None = None,
+        y: Tensor | None = None,
+        *,
+        log_snr: Tensor | None = None,
+    ) -> DenoiserOutput:
+        """Estimates at time t (lambda = schedule(t)) or directly at ``log_snr``."""
+        ...
 
 
 class Denoiser(nn.Module):

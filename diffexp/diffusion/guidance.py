@@ -16,35 +16,33 @@ import torch
 from torch import Tensor, nn
 
 from diffexp.diffusion.denoiser import (
-    Denoiser,
+    DenoiserLike,
     DenoiserOutput,
     broadcast_like,
     resolve_log_snr,
 )
+from diffexp.diffusion.parameterizations import Parameterization
+from diffexp.diffusion.schedules import Schedule
 
 
-def _finish(base: Denoiser, x_t: Tensor, eps_hat: Tensor, lam: Tensor) -> DenoiserOutput:
-    """DenoiserOutput from eps_hat: x0_hat = (x_t - s eps_hat) / a, out in the base's terms."""
-    a, s = torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
-    x0_hat = (x_t - s * eps_hat) / a
-    out = base.parameterization.output_from(x0_hat, eps_hat, lam)
-    return DenoiserOutput(x0_hat=x0_hat, eps_hat=eps_hat, out=out, log_snr=lam)
+class GuidedDenoiser(nn.Module):
+    """A Denoiser around a Denoiser (same schedule, parameterization and network): ``forward``
+    resolves lambda once and finishes the estimates; a guidance method implements only its
+    combination rule, ``guided_eps``."""
 
+    kind = "guided"  # the method's name in error messages
 
-class _Wrapper(nn.Module):
-    """A Denoiser around a Denoiser: same schedule and parameterization."""
-
-    def __init__(self, base: Denoiser, scale: float) -> None:
+    def __init__(self, base: DenoiserLike, scale: float) -> None:
         super().__init__()
         self.base, self.scale = base, float(scale)
 
     @property
-    def schedule(self):
+    def schedule(self) -> Schedule:
         """The base denoiser's schedule."""
         return self.base.schedule
 
     @property
-    def parameterization(self):
+    def parameterization(self) -> Parameterization:
         """The base denoiser's parameterization."""
         return self.base.parameterization
 
@@ -53,22 +51,9 @@ class _Wrapper(nn.Module):
         """The base denoiser's network."""
         return self.base.network
 
-    @staticmethod
-    def _require_labels(y: Tensor | None, kind: str) -> Tensor:
-        if y is None:
-            raise ValueError(
-                f"{kind} guidance needs labels y to condition on; pass label=<class> (or "
-                "labels=[...]) to sample/eval, or use guidance=none for unconditional samples"
-            )
-        return y
-
-
-class ClassifierFreeGuidance(_Wrapper):
-    """eps = w eps(x_t, y) + (1 - w) eps(x_t, null): w = 0 unconditional, w = 1 conditional."""
-
-    def __init__(self, base: Denoiser, scale: float, null_label: int) -> None:
-        super().__init__(base, scale)
-        self.null_label = int(null_label)
+    def guided_eps(self, x_t: Tensor, y: Tensor, log_snr: Tensor) -> Tensor:
+        """The guided eps_hat at per-example ``log_snr`` [n] (the combination rule)."""
+        raise NotImplementedError
 
     def forward(
         self,
@@ -78,26 +63,50 @@ class ClassifierFreeGuidance(_Wrapper):
         *,
         log_snr: Tensor | None = None,
     ) -> DenoiserOutput:
-        """The guided estimates; both branches in one batched network call."""
-        y = self._require_labels(y, "classifier-free")
+        """The guided estimates: x0_hat = (x_t - s eps_hat) / a, out in the base's terms."""
+        if y is None:
+            raise ValueError(
+                f"{self.kind} guidance needs labels y to condition on; pass label=<class> (or "
+                "labels=[...]) to sample/eval, or use guidance=none for unconditional samples"
+            )
         lam = resolve_log_snr(self.schedule, x_t, t, log_snr)
+        eps_hat = self.guided_eps(x_t, y, lam)
+        lam = broadcast_like(lam, x_t)
+        a, s = torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
+        x0_hat = (x_t - s * eps_hat) / a
+        out = self.parameterization.output_from(x0_hat, eps_hat, lam)
+        return DenoiserOutput(x0_hat=x0_hat, eps_hat=eps_hat, out=out, log_snr=lam)
+
+
+class ClassifierFreeGuidance(GuidedDenoiser):
+    """eps = w eps(x_t, y) + (1 - w) eps(x_t, null): w = 0 unconditional, w = 1 conditional."""
+
+    kind = "classifier-free"
+
+    def __init__(self, base: DenoiserLike, scale: float, null_label: int) -> None:
+        super().__init__(base, scale)
+        self.null_label = int(null_label)
+
+    def guided_eps(self, x_t: Tensor, y: Tensor, log_snr: Tensor) -> Tensor:
+        """w eps(x_t, y) + (1 - w) eps(x_t, null); both branches in one batched network call."""
         both = self.base(
             torch.cat([x_t, x_t]),
             y=torch.cat([y, torch.full_like(y, self.null_label)]),
-            log_snr=torch.cat([lam, lam]),
+            log_snr=torch.cat([log_snr, log_snr]),
         )
         eps_cond, eps_uncond = both.eps_hat.chunk(2)
-        eps_hat = self.scale * eps_cond + (1.0 - self.scale) * eps_uncond
-        return _finish(self.base, x_t, eps_hat, broadcast_like(lam, x_t))
+        return self.scale * eps_cond + (1.0 - self.scale) * eps_uncond
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}, null_label={self.null_label}"
 
 
-class ClassifierGuidance(_Wrapper):
+class ClassifierGuidance(GuidedDenoiser):
     """score = score(x_t) + w grad_x log p_phi(y | x_t, lambda)."""
 
-    def __init__(self, base: Denoiser, classifier: nn.Module, scale: float) -> None:
+    kind = "classifier"
+
+    def __init__(self, base: DenoiserLike, classifier: nn.Module, scale: float) -> None:
         super().__init__(base, scale)
         self.classifier = classifier
 
@@ -110,22 +119,11 @@ class ClassifierGuidance(_Wrapper):
             (grad,) = torch.autograd.grad(selected, x)
         return grad
 
-    def forward(
-        self,
-        x_t: Tensor,
-        t: Tensor | None = None,
-        y: Tensor | None = None,
-        *,
-        log_snr: Tensor | None = None,
-    ) -> DenoiserOutput:
-        """The guided estimates: eps = eps_hat - w s grad log p(y | x_t)."""
-        y = self._require_labels(y, "classifier")
-        lam = resolve_log_snr(self.schedule, x_t, t, log_snr)
-        pred = self.base(x_t, log_snr=lam)
-        lam_b = broadcast_like(lam, x_t)
-        s = torch.sigmoid(-lam_b).sqrt()
-        eps_hat = pred.eps_hat - self.scale * s * self.class_log_prob_grad(x_t, y, lam)
-        return _finish(self.base, x_t, eps_hat, lam_b)
+    def guided_eps(self, x_t: Tensor, y: Tensor, log_snr: Tensor) -> Tensor:
+        """eps_hat - w s grad log p_phi(y | x_t)."""
+        eps_hat = self.base(x_t, log_snr=log_snr).eps_hat
+        s = torch.sigmoid(-broadcast_like(log_snr, x_t)).sqrt()
+        return eps_hat - self.scale * s * self.class_log_prob_grad(x_t, y, log_snr)
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}"

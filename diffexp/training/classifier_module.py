@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffexp.data import LABELLED_DATA
 from diffexp.data.datamodules import split_batch
 from diffexp.diffusion.elbo import diffuse, stratified_times
 from diffexp.diffusion.schedules import Schedule
@@ -57,8 +56,8 @@ def _needs_labels(y: Tensor | None) -> Tensor:
     """y, or a clear error for an unlabelled batch."""
     if y is None:
         raise ValueError(
-            "classifier guidance needs a labelled data set: the batch has no labels y. Use one "
-            f"of data={', '.join(LABELLED_DATA)}"
+            "classifier guidance needs a labelled data set: the batch has no labels y. Use a "
+            "data set whose data module has num_classes > 0 (e.g. data=ring8 or data=digits)"
         )
     return y.long()
 
