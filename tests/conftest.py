@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
+from omegaconf import DictConfig
+
+from tests.helpers import compose_config
 
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
@@ -25,3 +30,17 @@ def _guarded_connect(self, address):
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", _guarded_connect)
+
+
+@pytest.fixture
+def compose(tmp_path: Path) -> Callable[..., DictConfig]:
+    """``compose(overrides, name="train")``: a config whose run writes under the test's tmp_path."""
+
+    def _compose(
+        overrides: Sequence[str] = (), name: str = "train", return_hydra_config: bool = False
+    ) -> DictConfig:
+        return compose_config(
+            name, [f"paths.output_dir={tmp_path}", *overrides], return_hydra_config
+        )
+
+    return _compose

@@ -1,8 +1,13 @@
-"""Shared test fixtures: the Gaussian-mixture oracle as a Denoiser, float64."""
+"""Shared test helpers: configs composed as the command line does, the Gaussian-mixture oracle as a
+Denoiser (float64), callbacks that crash or signal at a step."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import torch
+from omegaconf import DictConfig
 
 from diffexp.data.mixtures import make_mixture
 from diffexp.diffusion import schedules as S
@@ -12,6 +17,19 @@ from diffexp.networks import Oracle
 
 F64 = torch.float64
 ENDS = {"log_snr_max": 10.0, "log_snr_min": -8.0}
+
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_config(
+    name: str = "train", overrides: Sequence[str] = (), return_hydra_config: bool = False
+) -> DictConfig:
+    """conf/<name>.yaml composed in-process with ``overrides``, as the command line would."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 def oracle_denoiser(preset: str = "ring8", param: str = "eps", schedule=None) -> Denoiser:

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from diffexp.build.factory import build_datamodule, build_module
@@ -18,21 +17,8 @@ from diffexp.training.checkpoint_io import load_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cfg(tmp_path, overrides=()):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(
-            "train",
-            overrides=[
-                f"paths.output_dir={tmp_path}",
-                "data.n_train=2048",
-                "model.ema_decay=0.9",
-                *overrides,
-            ],
-        )
-
-
-def test_ema_weights_restored_from_a_checkpoint_equal_the_saved_ones(tmp_path):
-    cfg = _cfg(tmp_path)
+def test_ema_weights_restored_from_a_checkpoint_equal_the_saved_ones(compose, tmp_path):
+    cfg = compose(["data.n_train=2048", "model.ema_decay=0.9"])
     dm = build_datamodule(cfg.data)
     module = build_module(cfg, dm)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
@@ -51,9 +37,8 @@ def test_ema_weights_restored_from_a_checkpoint_equal_the_saved_ones(tmp_path):
     assert any(not torch.equal(saved_ema[k], live[k]) for k in live if live[k].is_floating_point())
 
     ckpt_file = tmp_path / "checkpoints" / "last.ckpt"
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        eval_cfg = compose("eval", overrides=[f"paths.output_dir={tmp_path}", f"ckpt={ckpt_file}"])
-        raw_cfg = compose("eval", overrides=[f"ckpt={ckpt_file}", "use_ema=false"])
+    eval_cfg = compose([f"ckpt={ckpt_file}"], name="eval")
+    raw_cfg = compose([f"ckpt={ckpt_file}", "use_ema=false"], name="eval")
     loaded = load_model(eval_cfg)
     for k, v in loaded.denoiser.state_dict().items():
         torch.testing.assert_close(v, saved_ema[k], rtol=0, atol=0)

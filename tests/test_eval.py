@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 
-from diffexp.build.factory import ConfigError
+from diffexp.cli import ConfigError
 from diffexp.eval import evaluate
 from diffexp.sample import sample
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
-
-def _cfg(name, overrides, tmp_path):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(name, overrides=[f"paths.output_dir={tmp_path}", *overrides])
-
-
-def test_oracle_eval_reports_elbo_ode_likelihood_and_sample_metrics(tmp_path):
-    cfg = _cfg(
-        "eval",
+def test_oracle_eval_reports_elbo_ode_likelihood_and_sample_metrics(compose, tmp_path):
+    cfg = compose(
         [
             "n_t=8",
             "n_samples=2000",
@@ -30,7 +19,7 @@ def test_oracle_eval_reports_elbo_ode_likelihood_and_sample_metrics(tmp_path):
             "sampler.steps=50",
             "ode_likelihood.n_examples=64",
         ],
-        tmp_path,
+        name="eval",
     )
     m = evaluate(cfg)
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "samples.png").is_file()
@@ -47,11 +36,10 @@ def test_oracle_eval_reports_elbo_ode_likelihood_and_sample_metrics(tmp_path):
     assert m["sample_kl_nats"] < m["sample_kl_floor_nats"] + 0.05  # ~4 sd of the difference
 
 
-def test_guided_sampling_of_one_label_lands_on_its_component(tmp_path):
-    cfg = _cfg(
-        "sample",
+def test_guided_sampling_of_one_label_lands_on_its_component(compose):
+    cfg = compose(
         ["guidance=classifier", "label=5", "n_samples=400", "sampler=ddim", "sampler.steps=50"],
-        tmp_path,
+        name="sample",
     )
     data = np.load(sample(cfg))
     means = np.array(
@@ -62,28 +50,26 @@ def test_guided_sampling_of_one_label_lands_on_its_component(tmp_path):
     assert (nearest == nearest[0]).mean() > 0.99  # all on one component: the one for label 5
 
 
-def test_cfg_on_an_unconditional_oracle_is_refused(tmp_path):
-    cfg = _cfg("sample", ["guidance=cfg", "n_samples=10", "data=swissroll"], tmp_path)
+def test_cfg_on_an_unconditional_oracle_is_refused(compose):
+    cfg = compose(["guidance=cfg", "n_samples=10", "data=swissroll"], name="sample")
     with pytest.raises(ConfigError):
         sample(cfg)
 
 
-def test_labels_list_is_cycled(tmp_path):
-    cfg = _cfg(
-        "sample",
+def test_labels_list_is_cycled(compose):
+    cfg = compose(
         ["guidance=classifier", "labels=[1,6]", "n_samples=6", "sampler=ddim", "sampler.steps=5"],
-        tmp_path,
+        name="sample",
     )
     assert np.load(sample(cfg))["y"].tolist() == [1, 6, 1, 6, 1, 6]
-    bad = _cfg("sample", ["guidance=classifier", "label=9", "n_samples=2"], tmp_path)
+    bad = compose(["guidance=classifier", "label=9", "n_samples=2"], name="sample")
     with pytest.raises(ConfigError, match="label=9: 9 is not a class of this data"):
         sample(bad)
 
 
-def test_estimator_report_agrees_on_the_bound_and_differs_in_spread(tmp_path):
+def test_estimator_report_agrees_on_the_bound_and_differs_in_spread(compose):
     """The forms at T = 10 and three schedules with equal endpoints: one bound, many spreads."""
-    cfg = _cfg(
-        "eval",
+    cfg = compose(
         [
             "n_t=1",
             "n_samples=0",
@@ -91,7 +77,7 @@ def test_estimator_report_agrees_on_the_bound_and_differs_in_spread(tmp_path):
             "estimators.schedules=[own,cosine,linear]",
             "estimators.n_repeats=2",
         ],
-        tmp_path,
+        name="eval",
     )
     m = evaluate(cfg)
 
@@ -110,31 +96,31 @@ def test_estimator_report_agrees_on_the_bound_and_differs_in_spread(tmp_path):
     assert m["n_examples"] == 5000
 
 
-def test_estimator_report_rejects_unknown_schedules(tmp_path):
-    cfg = _cfg("eval", ["n_samples=0", "estimators.schedules=[learned]"], tmp_path)
+def test_estimator_report_rejects_unknown_schedules(compose):
+    cfg = compose(["n_samples=0", "estimators.schedules=[learned]"], name="eval")
     with pytest.raises(ValueError, match="valid: own, linear, cosine, log_linear"):
         evaluate(cfg)
 
 
-def test_steps_overrides_the_samplers_number_of_steps(tmp_path):
-    cfg = _cfg("eval", ["n_t=1", "n_samples=64", "sampler=ddim", "steps=7"], tmp_path)
+def test_steps_overrides_the_samplers_number_of_steps(compose):
+    cfg = compose(["n_t=1", "n_samples=64", "sampler=ddim", "steps=7"], name="eval")
     assert evaluate(cfg)["nfe"] == 7  # DDIM: one network evaluation per step
 
 
-def test_a_label_for_an_unconditional_unguided_model_is_refused(tmp_path):
-    cfg = _cfg("sample", ["label=3", "n_samples=4"], tmp_path)
+def test_a_label_for_an_unconditional_unguided_model_is_refused(compose, tmp_path):
+    cfg = compose(["label=3", "n_samples=4"], name="sample")
     with pytest.raises(ConfigError, match="label=3 .* unconditional"):
         sample(cfg)
     assert not (tmp_path / "samples.npz").exists()
 
 
-def test_guidance_is_checked_before_the_elbo(tmp_path, monkeypatch):
+def test_guidance_is_checked_before_the_elbo(compose, monkeypatch):
     import diffexp.eval as eval_module
 
     def no_elbo(*args, **kwargs):
         raise AssertionError("the ELBO ran before the refusal")
 
     monkeypatch.setattr(eval_module, "elbo_report", no_elbo)
-    cfg = _cfg("eval", ["guidance=classifier", "labels=[8]", "n_t=1"], tmp_path)
+    cfg = compose(["guidance=classifier", "labels=[8]", "n_t=1"], name="eval")
     with pytest.raises(ConfigError, match=r"labels=\[8\]: 8 is not a class"):
         evaluate(cfg)

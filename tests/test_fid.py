@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
-from hydra import compose, initialize_config_dir
 
 from diffexp.metrics.features import (
     INCEPTION_FILENAME,
@@ -280,20 +279,18 @@ def test_build_feature_extractor(tmp_path, classifier):
 # --- the train_features command ---------------------------------------------------------------
 
 
-def _compose(overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train_features", overrides=overrides)
-
-
-def test_train_features_config_composes():
-    cfg = _compose(["image_size=16", "paths.root_dir=/somewhere"])
+def test_train_features_config_composes(compose):
+    cfg = compose(["image_size=16", "paths.root_dir=/somewhere"], name="train_features")
     assert cfg.task_name == "train_features"
     assert cfg.output == "/somewhere/artifacts/features/digits16_classifier.pt"
 
 
-def test_train_features_tiny_run_writes_a_loadable_file(tmp_path, capsys):
+def test_train_features_tiny_run_writes_a_loadable_file(compose, tmp_path, capsys):
     out = tmp_path / "c16.pt"
-    cfg = _compose(["image_size=16", "epochs=1", f"output={out}", f"paths.root_dir={tmp_path}"])
+    cfg = compose(
+        ["image_size=16", "epochs=1", f"output={out}", f"paths.root_dir={tmp_path}"],
+        name="train_features",
+    )
     result = train_features(cfg)
     assert str(out) in capsys.readouterr().out
     model = load_classifier(out)

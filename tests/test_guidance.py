@@ -90,30 +90,21 @@ def test_guidance_without_labels_is_a_clear_error():
 
 # --- guidance in the framework: configs, training with label dropout, refusals ---------------
 
-from pathlib import Path  # noqa: E402
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-
-from diffexp.build.factory import ConfigError, build_datamodule, build_module  # noqa: E402
+from diffexp.build.factory import build_datamodule, build_module  # noqa: E402
+from diffexp.cli import ConfigError  # noqa: E402
 from diffexp.train import train  # noqa: E402
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
-
-def _cfg(overrides, tmp_path, name="train"):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(name, overrides=[f"paths.output_dir={tmp_path}", *overrides])
-
-
-def test_guidance_on_unlabelled_data_stops_at_once(tmp_path):
+def test_guidance_on_unlabelled_data_stops_at_once(compose):
     for guidance in ("cfg", "classifier"):
-        cfg = _cfg(["data=swissroll", f"guidance={guidance}"], tmp_path)
+        cfg = compose(["data=swissroll", f"guidance={guidance}"])
         with pytest.raises(ConfigError, match="needs a labelled data set"):
             build_module(cfg, build_datamodule(cfg.data))
 
 
-def test_cfg_training_drops_labels_to_the_null_token(tmp_path):
-    cfg = _cfg(["guidance=cfg", "guidance.p_uncond=0.25"], tmp_path)
+def test_cfg_training_drops_labels_to_the_null_token(compose):
+    cfg = compose(["guidance=cfg", "guidance.p_uncond=0.25"])
     module = build_module(cfg, build_datamodule(cfg.data))
     assert module.denoiser.network.num_classes == 8  # conditional on the ring's components
     torch.manual_seed(0)
@@ -122,5 +113,5 @@ def test_cfg_training_drops_labels_to_the_null_token(tmp_path):
     assert abs((y == 8).float().mean().item() - 0.25) < 0.01
 
 
-def test_cfg_fast_dev_run(tmp_path):
-    train(_cfg(["debug=fdr", "guidance=cfg"], tmp_path))
+def test_cfg_fast_dev_run(compose):
+    train(compose(["debug=fdr", "guidance=cfg"]))

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
 
 from diffexp.build.factory import build_module
 from diffexp.data.datamodules import VectorDataModule
@@ -21,11 +20,6 @@ from diffexp.train import train
 from diffexp.training.diffusion_module import NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _compose(overrides, tmp_path, name="train"):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(name, overrides=[f"paths.output_dir={tmp_path}", *overrides])
 
 
 COMBOS = [
@@ -48,20 +42,20 @@ COMBOS = [
 
 
 @pytest.mark.parametrize("overrides", COMBOS, ids=lambda o: ",".join(o))
-def test_fast_dev_run(overrides, tmp_path):
-    cfg = _compose(["debug=fdr", *overrides], tmp_path)
+def test_fast_dev_run(compose, overrides):
+    cfg = compose(["debug=fdr", *overrides])
     train(cfg)
 
 
-def test_oracle_validates_without_training(tmp_path):
-    cfg = _compose(["network=oracle", "logger=csv", "+trainer.limit_val_batches=1"], tmp_path)
+def test_oracle_validates_without_training(compose, tmp_path):
+    cfg = compose(["network=oracle", "logger=csv", "+trainer.limit_val_batches=1"])
     metrics = train(cfg)
     assert abs(metrics["val/elbo_gap_nats"]) < 0.5  # one batch, 16 times per example
     assert (tmp_path / "summary.json").is_file()
 
 
-def test_nan_loss_stops_with_the_step_and_the_term(tmp_path):
-    cfg = _compose(["debug=fdr"], tmp_path)
+def test_nan_loss_stops_with_the_step_and_the_term(compose):
+    cfg = compose(["debug=fdr"])
     x = torch.randn(64, 2)
     x[3, 0] = float("nan")
     dm = VectorDataModule(x, x[:8], x[:8], batch_size=64)
@@ -71,12 +65,11 @@ def test_nan_loss_stops_with_the_step_and_the_term(tmp_path):
         trainer.fit(module, datamodule=dm)
 
 
-def test_wandb_run_is_finished_after_an_exception(tmp_path):
+def test_wandb_run_is_finished_after_an_exception(compose):
     import wandb
 
-    cfg = _compose(
+    cfg = compose(
         ["logger=wandb", "callbacks=none", "trainer.max_steps=2", "model.optimizer.lr=nan"],
-        tmp_path,
     )
     with pytest.raises(Exception):  # noqa: B017 - any failure; what matters is the cleanup
         train(cfg)
@@ -220,8 +213,8 @@ def test_unknown_option_from_the_command_line_lists_valid_ones(tmp_path):
         assert valid in proc.stderr
 
 
-def test_the_implied_weighting_is_logged_to_the_run_folder_and_wandb(tmp_path):
-    cfg = _compose(["logger=wandb", "callbacks=none", "trainer.max_steps=1"], tmp_path)
+def test_the_implied_weighting_is_logged_to_the_run_folder_and_wandb(compose, tmp_path):
+    cfg = compose(["logger=wandb", "callbacks=none", "trainer.max_steps=1"])
     train(cfg)
     assert (tmp_path / "implied_weighting.png").is_file()
     assert (tmp_path / "implied_weighting.json").is_file()

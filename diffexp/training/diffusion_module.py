@@ -79,15 +79,21 @@ class DiffusionModule(pl.LightningModule):
         self._pending_noise_state: Tensor | None = None
         self.validation_generator: torch.Generator | None = None
         self._pending_torch_rng_state: Tensor | None = None
+        self._rank_seed: int | None = None
         self.ema: AveragedModel | None = None
         if ema_decay is not None and 0.0 < ema_decay < 1.0:
             self.ema = AveragedModel(denoiser, multi_avg_fn=EMAUpdate(ema_decay), use_buffers=True)
             self.ema.requires_grad_(False)
 
     def setup(self, stage: str) -> None:
-        """Each DDP rank draws its own noise: the global seed is offset by the rank."""
-        if self.trainer is not None and self.trainer.world_size > 1:
-            torch.manual_seed(torch.initial_seed() + self.trainer.global_rank)
+        """Each DDP rank draws its own noise: this rank's seed is the run's offset by the rank
+        (the global RNG is left as ``seed_everything`` set it)."""
+        self._rank_seed = int(torch.initial_seed()) + self.trainer.global_rank
+
+    @property
+    def rank_seed(self) -> int:
+        """The seed of this rank's noise and validation generators (the run's seed + rank)."""
+        return self._rank_seed if self._rank_seed is not None else int(torch.initial_seed())
 
     @property
     def noise_generator(self) -> torch.Generator:
@@ -95,7 +101,7 @@ class DiffusionModule(pl.LightningModule):
         resumed run draws what the uninterrupted run drew, whatever else used the global RNG."""
         if self._noise_generator is None or self._noise_generator.device != self.device:
             gen = torch.Generator(device=self.device)
-            gen.manual_seed(int(torch.initial_seed()) % (2**63))
+            gen.manual_seed(self.rank_seed % (2**63))
             if self._pending_noise_state is not None:
                 gen.set_state(self._pending_noise_state)
                 self._pending_noise_state = None
@@ -107,7 +113,7 @@ class DiffusionModule(pl.LightningModule):
         its numbers depend on the weights alone, so a resumed run validates as the
         uninterrupted one did, and successive validations differ only by training."""
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(derive_seed(int(torch.initial_seed()) % 2**32, _VALIDATION_STREAM))
+        gen.manual_seed(derive_seed(self.rank_seed % 2**32, _VALIDATION_STREAM))
         self.validation_generator = gen
 
     @property
@@ -183,7 +189,8 @@ class DiffusionModule(pl.LightningModule):
         trainer = self._trainer
         if trainer is None or trainer.fast_dev_run:
             return True
-        return bool(trainer._logger_connector.should_update_logs)
+        # Lightning's own rule, from public attributes (its counter equals global_step here)
+        return (self.global_step + 1) % trainer.log_every_n_steps == 0 or trainer.should_stop
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Step labels continue from the checkpoint as in the uninterrupted run. Lightning's
@@ -191,6 +198,7 @@ class DiffusionModule(pl.LightningModule):
         written before the counter moves; ours are written at an epoch's end, after it moved. With
         one optimizer the counter equals ``global_step`` by definition, so it is set to that."""
         loop = self.trainer.fit_loop.epoch_loop
+        # no public API sets the logging counter; it is the loop's own checkpointed state
         if loop._batches_that_stepped != self.global_step and len(self.trainer.optimizers) == 1:
             loop._batches_that_stepped = self.global_step
 

@@ -64,6 +64,7 @@ class _StopIfSignalled(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.stop.signum is not None:
+            # Lightning's stop-at-step-end flag; it has no public setter
             trainer._signal_connector.received_sigterm = True
 
 
@@ -85,6 +86,7 @@ class GracefulStop:
                 signal.Signals(signum).name,
                 " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "",
             )
+        # Lightning's stop-at-step-end flag; it has no public setter
         self.trainer._signal_connector.received_sigterm = True
 
     @contextlib.contextmanager

@@ -89,7 +89,7 @@ class LastCheckpoint(Checkpoint):
         if math.isfinite(n) and batch_idx + 1 >= n:
             return False
         loop = trainer.fit_loop.epoch_loop
-        if loop._should_accumulate():
+        if loop._should_accumulate():  # no public API says whether the optimizer just stepped
             return False
         interval = trainer.val_check_batch
         if not math.isfinite(interval):
