@@ -1,8 +1,9 @@
 """Train a noisy classifier for classifier guidance: ``python -m diffexp.train_classifier``.
 
 The classifier p_phi(y | x_t, log-SNR) learns the labels of a labelled data set at every noise
-level of the configured schedule. ``classifier.kind=auto`` picks an MLP for vectors and a conv
-net for images, sized from the data module. The run writes ``checkpoints/last.ckpt``, which
+level of the configured schedule. The ``classifier`` group picks the network: ``auto`` (default)
+an MLP for vectors and a conv net for images, ``mlp`` or ``conv``; its keys left null (shape, sizes,
+classes) come from the data module. The run writes ``checkpoints/last.ckpt``, which
 ``guidance=classifier guidance.classifier=<that file>`` samples with.
 """
 
@@ -16,18 +17,17 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
-from diffexp.build.factory import ConfigError, build_datamodule
-from diffexp.cli import CONF_DIR, refusing_bad_input, run_cli
-from diffexp.data import LABELLED_DATA
-from diffexp.networks.classifier import NoisyConvClassifier, NoisyMLPClassifier
+from diffexp.build.factory import build_datamodule, labelled_data_options
+from diffexp.cli import CONF_DIR, ConfigError, refusing_bad_input, run_cli
 from diffexp.training.classifier_module import (
     CLASSIFIER_CLASSES,
     NETWORK_KEY,
     NoisyClassifierModule,
-    build_classifier_from_spec,
 )
 from diffexp.training.loggers import (
     hydra_choices,
@@ -36,65 +36,78 @@ from diffexp.training.loggers import (
     write_json,
 )
 
-__all__ = ["TrainedClassifier", "classifier_spec", "summary_line", "train_noisy_classifier"]
-
-KINDS = ("auto", "mlp", "conv")
+__all__ = ["TrainedClassifier", "build_classifier", "summary_line", "train_noisy_classifier"]
 
 
-def _target(cls: type) -> str:
-    """The ``_target_`` string of a classifier class."""
-    name = f"{cls.__module__}.{cls.__qualname__}"
-    if name not in CLASSIFIER_CLASSES:
-        raise ValueError(f"{name} is not a loadable noisy classifier class")
-    return name
+def _option(cfg_classifier: DictConfig) -> str:
+    """The classifier as the command line names it (classifier=mlp), else by its target."""
+    choice = hydra_choices().get("classifier")
+    if choice:
+        return f"classifier={choice}"
+    return f"classifier {str(cfg_classifier.get('_target_', '?')).rsplit('.', 1)[-1]}"
 
 
-def classifier_spec(cfg_classifier: DictConfig, datamodule: Any) -> dict[str, Any]:
-    """``{"_target_": <classifier class>, **kwargs}`` for the data: sizes and classes from it."""
-    shape = tuple(int(s) for s in datamodule.shape)
-    kind = str(cfg_classifier.get("kind", "auto"))
-    if kind not in KINDS:
-        raise ConfigError(f"unknown classifier.kind={kind!r}; valid: {', '.join(KINDS)}")
-    if kind == "auto":
-        kind = "mlp" if len(shape) == 1 else "conv"
-    common = {
-        "num_classes": int(datamodule.num_classes),
-        "log_snr_scale": float(cfg_classifier.get("log_snr_scale", 10.0)),
-    }
-    if kind == "mlp":
-        if len(shape) != 1:
-            raise ConfigError(
-                f"classifier.kind=mlp takes vectors; the data has shape {shape}. "
-                "Use classifier.kind=conv (or auto) for images."
-            )
-        return {
-            "_target_": _target(NoisyMLPClassifier),
-            "dim": shape[0],
-            "width": int(cfg_classifier.get("width", 256)),
-            "depth": int(cfg_classifier.get("depth", 3)),
-            **common,
-        }
+def _square_image(shape: tuple[int, ...], option: str) -> tuple[int, int]:
+    """(channels, side) of square images [C, H, H]; a clear error for anything else."""
     if len(shape) != 3 or shape[1] != shape[2]:
         raise ConfigError(
-            f"classifier.kind=conv takes square images [C, H, H]; the data has shape {shape}. "
-            "Use classifier.kind=mlp (or auto) for vectors."
+            f"{option} takes square images [C, H, H]; the data has shape {shape}. "
+            "Use classifier=mlp (or auto) for vectors."
         )
-    return {
-        "_target_": _target(NoisyConvClassifier),
-        "in_channels": shape[0],
-        "image_size": shape[1],
-        "base_channels": int(cfg_classifier.get("base_channels", 32)),
-        **common,
+    return shape[0], shape[1]
+
+
+def _vector_dim(shape: tuple[int, ...], option: str) -> int:
+    """The dimension of vectors [d]; a clear error for anything else."""
+    if len(shape) != 1:
+        raise ConfigError(
+            f"{option} takes vectors; the data has shape {shape}. "
+            "Use classifier=conv (or auto) for images."
+        )
+    return shape[0]
+
+
+def build_classifier(cfg_classifier: DictConfig, datamodule: Any) -> nn.Module:
+    """The classifier of the ``classifier`` group; its keys left null (``shape``, ``dim``,
+    ``in_channels``, ``image_size``, ``num_classes``) come from the data module."""
+    shape = tuple(int(s) for s in datamodule.shape)
+    option = _option(cfg_classifier)
+    from_data = {
+        "shape": lambda: list(shape),
+        "dim": lambda: _vector_dim(shape, option),
+        "in_channels": lambda: _square_image(shape, option)[0],
+        "image_size": lambda: _square_image(shape, option)[1],
+        "num_classes": lambda: int(datamodule.num_classes),
     }
+    kwargs = {
+        k: get()
+        for k, get in from_data.items()
+        if k in cfg_classifier and cfg_classifier[k] is None
+    }
+    try:
+        classifier = instantiate(cfg_classifier, **kwargs)
+    except InstantiationException as err:
+        # refused arguments (num_classes < 2, auto on data that no classifier takes, a key the
+        # class does not take) are the command line's; anything else is a bug
+        if not isinstance(err.__cause__, (ValueError, TypeError)):
+            raise
+        raise ConfigError(f"{option}: {err.__cause__}") from err
+    if type(classifier) not in CLASSIFIER_CLASSES.values():
+        raise ConfigError(
+            f"{option} built a {type(classifier).__name__}; a noisy classifier must be one of "
+            f"{sorted(CLASSIFIER_CLASSES)} (what its checkpoint can be loaded as)"
+        )
+    return classifier
 
 
-def check_labelled(datamodule: Any, data_name: str) -> None:
+def check_labelled(datamodule: Any, cfg: DictConfig) -> None:
     """A ConfigError naming the labelled data sets when ``datamodule`` has no labels."""
     labelled = getattr(datamodule, "labelled", datamodule.num_classes > 0)
     if not labelled or datamodule.num_classes < 2:
         raise ConfigError(
-            f"classifier guidance needs a labelled data set; data={data_name} has no labels "
-            f"(num_classes={datamodule.num_classes}). Use one of data=" + ", ".join(LABELLED_DATA)
+            f"classifier guidance needs a labelled data set; data={_data_name(cfg)} has no labels "
+            f"(num_classes={datamodule.num_classes}). Use one of data="
+            + ", ".join(labelled_data_options(cfg))
         )
 
 
@@ -107,9 +120,8 @@ def _data_name(cfg: DictConfig) -> str:
 
 def build_classifier_module(cfg: DictConfig, datamodule: Any) -> NoisyClassifierModule:
     """The LightningModule for ``cfg`` on ``datamodule``, its config with the classifier spec."""
-    check_labelled(datamodule, _data_name(cfg))
-    spec = classifier_spec(cfg.classifier, datamodule)
-    classifier = build_classifier_from_spec(spec)
+    check_labelled(datamodule, cfg)
+    classifier = build_classifier(cfg.classifier, datamodule)
     with torch.no_grad():
         try:
             classifier(torch.zeros(2, *datamodule.shape), torch.zeros(2))
@@ -118,7 +130,8 @@ def build_classifier_module(cfg: DictConfig, datamodule: Any) -> NoisyClassifier
                 f"the classifier cannot take data of shape {tuple(datamodule.shape)}: {err}"
             ) from err
     config = OmegaConf.to_container(cfg, resolve=True)
-    config[NETWORK_KEY] = spec
+    # what load_noisy_classifier rebuilds the classifier from: its class and arguments
+    config[NETWORK_KEY] = classifier.spec()
     lr_scheduler = cfg.get("lr_scheduler")
     return NoisyClassifierModule(
         classifier=classifier,

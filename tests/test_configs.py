@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 
@@ -40,11 +39,6 @@ PAIRED_DATA = {"oracle": "ring8", "unet": "cifar10", "unet_small": "digits"}
 IMAGE_DATA = {"digits", "digits16", "mnist", "cifar10"}
 
 
-def _compose(overrides, name="train", tmp="/tmp/diffexp-test"):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(name, overrides=[f"paths.output_dir={tmp}", *overrides])
-
-
 def _options(group):
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
@@ -52,13 +46,13 @@ def _options(group):
 @pytest.mark.parametrize(
     "group,option", [(g, o) for g in GROUPS for o in _options(g)], ids=lambda v: str(v)
 )
-def test_every_option_of_every_group_composes(group, option):
+def test_every_option_of_every_group_composes(compose, group, option):
     overrides = [f"{group}={option}"]
     if group == "network" and option in PAIRED_DATA:
         overrides.append(f"data={PAIRED_DATA[option]}")
     if group == "data" and option in IMAGE_DATA:
         overrides.append("network=unet_small")
-    cfg = _compose(overrides)
+    cfg = compose(overrides)
     assert cfg is not None
     if group in ("schedule", "parameterization", "weighting", "noise_sampling", "sampler"):
         assert instantiate(cfg[group]) is not None
@@ -81,28 +75,28 @@ def test_every_group_of_the_design_exists():
         assert _options(group), f"conf/{group} has no options"
 
 
-def test_unknown_option_lists_the_valid_ones():
+def test_unknown_option_lists_the_valid_ones(compose):
     with pytest.raises(MissingConfigException) as err:
-        _compose(["schedule=cosinee"])
+        compose(["schedule=cosinee"])
     message = str(err.value)
     for valid in ("cosine", "linear", "log_linear", "learned"):
         assert valid in message
 
 
-def test_oracle_on_data_without_a_density_is_refused():
-    cfg = _compose(["network=oracle", "data=moons"])
+def test_oracle_on_data_without_a_density_is_refused(compose):
+    cfg = compose(["network=oracle", "data=moons"])
     with pytest.raises(ConfigError, match="known density"):
         build_denoiser(cfg, build_datamodule(cfg.data))
 
 
-def test_network_that_cannot_take_the_data_shape_is_refused_at_build_time():
-    cfg = _compose(["data=ring8", "network.dim=3"])
+def test_network_that_cannot_take_the_data_shape_is_refused_at_build_time(compose):
+    cfg = compose(["data=ring8", "network.dim=3"])
     with pytest.raises(ConfigError, match=r"shape \(2,\)"):
         build_module(cfg, build_datamodule(cfg.data))
 
 
-def test_sampler_steps_override():
-    cfg = _compose(["sampler.steps=7"])
+def test_sampler_steps_override(compose):
+    cfg = compose(["sampler.steps=7"])
     assert build_sampler(cfg.sampler).steps == 7
     assert build_sampler(cfg.sampler, steps=3).steps == 3
 
@@ -117,8 +111,8 @@ OBJECTIVE_PRESETS = {
 
 
 @pytest.mark.parametrize("preset", sorted(OBJECTIVE_PRESETS))
-def test_objective_presets_compose_for_cifar10(preset):
-    cfg = _compose([f"experiment={preset}", "data=cifar10", "network=unet"])
+def test_objective_presets_compose_for_cifar10(compose, preset):
+    cfg = compose([f"experiment={preset}", "data=cifar10", "network=unet"])
     module = build_module(cfg, build_datamodule(cfg.data))
     got = (
         type(module.denoiser.parameterization).__name__,
@@ -140,17 +134,17 @@ def test_objective_presets_compose_for_cifar10(preset):
         (["noise_sampling=logit_normal", "noise_sampling.m=200"], "puts no mass"),
     ],
 )
-def test_noise_sampling_that_cannot_work_is_refused_at_build_time(overrides, message):
-    cfg = _compose(overrides)
+def test_noise_sampling_that_cannot_work_is_refused_at_build_time(compose, overrides, message):
+    cfg = compose(overrides)
     with pytest.raises(ConfigError, match=message):
         build_module(cfg, build_datamodule(cfg.data))
 
 
-def test_a_heavy_tailed_noise_sampling_is_warned_about_and_a_sound_one_is_not():
-    cfg = _compose(["noise_sampling=logit_normal"])  # the ELBO's w = 1: 1.6 nats looser
+def test_a_heavy_tailed_noise_sampling_is_warned_about_and_a_sound_one_is_not(compose):
+    cfg = compose(["noise_sampling=logit_normal"])  # the ELBO's w = 1: 1.6 nats looser
     with pytest.warns(UserWarning, match="heavy-tailed"):
         build_module(cfg, build_datamodule(cfg.data))
-    cfg = _compose(["experiment=edm"])
+    cfg = compose(["experiment=edm"])
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         build_module(cfg, build_datamodule(cfg.data))

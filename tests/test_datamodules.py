@@ -6,7 +6,13 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from diffexp.data import GaussianMixture, MixtureDataModule, ToyDataModule, VectorDataModule
+from diffexp.data import (
+    DataDescription,
+    GaussianMixture,
+    MixtureDataModule,
+    ToyDataModule,
+    VectorDataModule,
+)
 from diffexp.metrics import sliced_wasserstein
 
 SMALL = dict(n_train=2_000, n_val=500, n_test=700, batch_size=128, eval_batch_size=300)
@@ -142,6 +148,29 @@ def test_unknown_names_and_bad_arguments():
     x = torch.zeros(10, 2)
     with pytest.raises(ValueError, match="labels"):
         VectorDataModule(x, x, x, torch.zeros(10, dtype=torch.long), batch_size=4)
+
+
+def test_the_description_is_carried_and_unknown_arguments_are_refused():
+    dm = MixtureDataModule("ring8", radius=3.0, log_snr_max=9.0, sigma_data=2.1, **SMALL)
+    assert dm.description == DataDescription(log_snr_max=9.0, sigma_data=2.1)
+    assert (dm.log_snr_max, dm.log_snr_min, dm.sigma_data, dm.fid_features) == (
+        9.0,
+        None,
+        2.1,
+        None,
+    )
+    assert dm.x_train.norm(dim=1).mean() > 2.5  # the preset argument still reaches the mixture
+    moons = ToyDataModule("moons", log_snr_min=-6.0, fid_features="inception", **SMALL)
+    assert (moons.log_snr_min, moons.fid_features, moons.fid_features_path) == (
+        -6.0,
+        "inception",
+        None,
+    )
+    assert ToyDataModule("moons", **SMALL).description == DataDescription()
+    with pytest.raises(TypeError, match=r"ToyDataModule got unexpected arguments \['sigma'\]"):
+        ToyDataModule("moons", sigma=1.0, **SMALL)
+    with pytest.raises(TypeError, match="log_snr_max"):  # the message lists the description keys
+        ToyDataModule("moons", sigma=1.0, **SMALL)
 
 
 def test_vector_datamodule_from_tensors():

@@ -7,14 +7,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
 
-from diffexp.build.factory import ConfigError
+from diffexp.build.factory import build_datamodule
+from diffexp.cli import ConfigError
 from diffexp.diffusion.elbo import diffuse
 from diffexp.diffusion.schedules import Learned, LogLinear
-from diffexp.networks.classifier import NoisyConvClassifier, NoisyMLPClassifier
-from diffexp.train_classifier import train_noisy_classifier
-from diffexp.training.classifier_module import NoisyClassifierModule, load_noisy_classifier
+from diffexp.networks.classifier import (
+    NoisyConvClassifier,
+    NoisyMLPClassifier,
+    auto_noisy_classifier,
+)
+from diffexp.train_classifier import build_classifier, train_noisy_classifier
+from diffexp.training.classifier_module import (
+    NoisyClassifierModule,
+    build_classifier_from_spec,
+    load_noisy_classifier,
+)
+from tests.helpers import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # measured KL(p || p_phi) at log-SNR in [5, 10] after the run below: 2e-4 .. 8e-4 nats (seeds
@@ -22,11 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 HIGH_SNR_KL_BOUND = 5e-3
 # over the whole trained range [-8, 10]: measured 6e-4 .. 1e-3 nats
 ALL_SNR_KL_BOUND = 1e-2
-
-
-def _compose(overrides: list[str], tmp_path: Path):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train_classifier", overrides=[f"paths.output_dir={tmp_path}", *overrides])
 
 
 def test_classifier_shapes():
@@ -87,10 +92,15 @@ def test_module_refuses_unlabelled_batches_and_freezes_the_schedule():
     assert (-float("inf"), -5.0) not in narrow.accuracy_bands()
 
 
-def test_unlabelled_data_is_a_config_error(tmp_path):
-    cfg = _compose(["data=swissroll", "debug=fdr"], tmp_path)
-    with pytest.raises(ConfigError, match="labelled data set.*ring8.*mixture1d.*cifar10"):
+def test_unlabelled_data_is_a_config_error(compose):
+    """The message names every labelled option of conf/data (found from num_classes) and no
+    other."""
+    cfg = compose(["data=swissroll", "debug=fdr"], name="train_classifier")
+    with pytest.raises(ConfigError, match="labelled data set") as err:
         train_noisy_classifier(cfg)
+    named = set(str(err.value).rsplit("data=", 1)[1].split(", "))
+    labelled = {"ring8", "grid25", "mixture1d", "moons", "digits", "digits16", "mnist", "cifar10"}
+    assert named == labelled
 
 
 def test_missing_checkpoint_names_the_command(tmp_path):
@@ -100,11 +110,74 @@ def test_missing_checkpoint_names_the_command(tmp_path):
         load_noisy_classifier(tmp_path)  # a folder without checkpoints/last.ckpt
 
 
-def test_conv_classifier_is_picked_for_images(tmp_path):
-    cfg = _compose(["data=digits", "debug=fdr", "classifier.base_channels=8"], tmp_path)
+def test_conv_classifier_is_picked_for_images(compose):
+    cfg = compose(
+        ["data=digits", "debug=fdr", "classifier.base_channels=8"], name="train_classifier"
+    )
     run = train_noisy_classifier(cfg)
     assert isinstance(run.module.classifier, NoisyConvClassifier)
     assert run.module.classifier.image_size == 8 and run.module.num_classes == 10
+
+
+# (classifier option, data) -> the class it builds; auto picks from the data's shape
+CLASSIFIER_OPTIONS = {
+    ("auto", "ring8"): NoisyMLPClassifier,
+    ("auto", "digits"): NoisyConvClassifier,
+    ("mlp", "mixture1d"): NoisyMLPClassifier,
+    ("conv", "digits16"): NoisyConvClassifier,
+}
+
+
+@pytest.mark.parametrize("option,data", sorted(CLASSIFIER_OPTIONS), ids=str)
+def test_every_classifier_option_builds_from_the_data_and_round_trips_its_spec(
+    compose, option, data
+):
+    cfg = compose([f"classifier={option}", f"data={data}"], name="train_classifier")
+    assert "kind" not in cfg.classifier
+    datamodule = build_datamodule(cfg.data)
+    classifier = build_classifier(cfg.classifier, datamodule)
+    assert type(classifier) is CLASSIFIER_OPTIONS[option, data]
+    assert classifier.num_classes == datamodule.num_classes
+    x = torch.randn(3, *datamodule.shape)
+    # the spec is what a checkpoint stores; load_noisy_classifier rebuilds the classifier from it
+    spec = classifier.spec()
+    assert all(isinstance(v, (int, float, str)) for v in spec.values())
+    rebuilt = build_classifier_from_spec(spec)
+    rebuilt.load_state_dict(classifier.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x, torch.zeros(3)), classifier(x, torch.zeros(3)))
+
+
+def test_the_classifier_options_are_the_conf_group():
+    options = sorted(p.stem for p in (ROOT / "conf" / "classifier").glob("*.yaml"))
+    assert options == ["auto", "conv", "mlp"]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["classifier=mlp", "data=digits"],
+            r"classifier NoisyMLPClassifier takes vectors.*\(1, 8, 8\)",
+        ),
+        (["classifier=conv", "data=ring8"], r"square images \[C, H, H\].*\(2,\).*classifier=mlp"),
+    ],
+)
+def test_a_classifier_for_other_data_is_a_config_error(compose, overrides, message):
+    cfg = compose(overrides, name="train_classifier")
+    with pytest.raises(ConfigError, match=message):
+        build_classifier(cfg.classifier, build_datamodule(cfg.data))
+
+
+def test_auto_refuses_data_no_classifier_takes():
+    with pytest.raises(ValueError, match=r"shape \(3, 8, 4\)"):
+        auto_noisy_classifier((3, 8, 4), num_classes=10)
+
+
+def test_an_unknown_classifier_option_lists_the_valid_ones(compose):
+    with pytest.raises(MissingConfigException) as err:
+        compose(["classifier=resnet"], name="train_classifier")
+    assert all(option in str(err.value) for option in ("auto", "conv", "mlp"))
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +195,9 @@ def mixture1d_run(tmp_path_factory):
         "trainer.val_check_interval=300",
         "trainer.enable_progress_bar=false",
     ]
-    return train_noisy_classifier(_compose(overrides, out))
+    return train_noisy_classifier(
+        compose_config("train_classifier", [f"paths.output_dir={out}", *overrides])
+    )
 
 
 def test_training_beats_chance_at_high_snr(mixture1d_run):

@@ -16,25 +16,16 @@ from diffexp.diffusion.denoiser import Denoiser
 from diffexp.diffusion.elbo import gaussian_reconstruction_nll
 from diffexp.training.diffusion_module import DiffusionModule
 
-# keys of a data config that describe the data for other parts (schedule endpoints, FID features)
-DATA_INFO_KEYS = (
-    "log_snr_max",
-    "log_snr_min",
-    "sigma_data",
-    "fid_features",
-    "fid_features_path",
-)
-
 
 def build_datamodule(cfg_data: DictConfig, require_files: bool = False) -> pl.LightningDataModule:
-    """The data module of ``cfg.data`` (without its informational keys).
+    """The data module of ``cfg.data``, instantiated as it is (the data description keys, such as
+    ``log_snr_max``, are constructor arguments).
 
     ``require_files``: refuse now (a ``ConfigError`` naming ``data.data_dir`` and the expected
     files) when the data set's files are absent and ``data.download`` is false, rather than when
     the data is loaded; the data module is built without them otherwise (its shape is known).
     """
-    kwargs = {k: v for k, v in cfg_data.items() if k not in DATA_INFO_KEYS}
-    datamodule = instantiate(OmegaConf.create(kwargs))
+    datamodule = instantiate(cfg_data)
     if require_files:
         require_data_files(datamodule)
     return datamodule

@@ -11,13 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 from diffexp.data.mixtures import PRESETS, GaussianMixture, grid25, make_mixture, mixture1d, ring8
 
-# the data configs that carry labels (needed by guidance and by the noisy classifier)
-LABELLED_DATA = ("ring8", "grid25", "mixture1d", "moons", "digits", "digits16", "mnist", "cifar10")
-
 if TYPE_CHECKING:
     from diffexp.data.datamodules import (
         MIXTURE_PRESETS,
         TOY_DATASETS,
+        DataDescription,
+        DescribedDataModule,
         MixtureDataModule,
         TensorBatchDataset,
         ToyDataModule,
@@ -27,6 +26,8 @@ if TYPE_CHECKING:
 _LAZY = {
     "MIXTURE_PRESETS",
     "TOY_DATASETS",
+    "DataDescription",
+    "DescribedDataModule",
     "MixtureDataModule",
     "TensorBatchDataset",
     "ToyDataModule",
@@ -34,10 +35,11 @@ _LAZY = {
 }
 
 __all__ = [
-    "LABELLED_DATA",
     "MIXTURE_PRESETS",
     "PRESETS",
     "TOY_DATASETS",
+    "DataDescription",
+    "DescribedDataModule",
     "GaussianMixture",
     "MixtureDataModule",
     "TensorBatchDataset",

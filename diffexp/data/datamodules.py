@@ -10,11 +10,17 @@ Every split is generated in ``__init__`` from its own seed stream, so ``dm.dim``
 from ``(seed, stream)`` with a different stream per split, so train/val/test are independent;
 ``reference(n, seed)`` draws fresh samples from a separate stream that depends only on its own
 ``seed`` (the same held-out set for every data seed, so runs stay comparable).
+
+Every data module also carries a ``DataDescription`` (``DescribedDataModule``): what other parts of
+a run read about the data (recommended schedule endpoints, EDM's sigma_data, FID features). It is
+given as keyword arguments, like the keys of a ``conf/data/*.yaml`` node, so a data node is
+instantiated as it is.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -28,6 +34,8 @@ from diffexp.data.mixtures import PRESETS, GaussianMixture, make_mixture
 __all__ = [
     "MIXTURE_PRESETS",
     "TOY_DATASETS",
+    "DataDescription",
+    "DescribedDataModule",
     "MixtureDataModule",
     "TensorBatchDataset",
     "ToyDataModule",
@@ -118,7 +126,80 @@ class TensorBatchDataset(Dataset):
         return tuple(t[idx] for t in self.tensors)
 
 
-class VectorDataModule(pl.LightningDataModule):
+@dataclass(frozen=True)
+class DataDescription:
+    """What other parts of a run read about a data set; the data module only carries it.
+
+    The keys of the same names in ``conf/data/*.yaml`` (schedules read ``${data.log_snr_max}``,
+    eval and ``callbacks=images`` the FID features). None: not given.
+
+    Args:
+        log_snr_max, log_snr_min: recommended endpoints of the noise schedule.
+        sigma_data: the data's std per dimension (EDM's sigma_data).
+        fid_features: the FID feature extractor for this data ("classifier" or "inception").
+        fid_features_path: its weights file (null: the extractor's default).
+    """
+
+    log_snr_max: float | None = None
+    log_snr_min: float | None = None
+    sigma_data: float | None = None
+    fid_features: str | None = None
+    fid_features_path: str | None = None
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """The argument names, in order."""
+        return tuple(f.name for f in fields(cls))
+
+
+def split_description(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the ``DataDescription`` entries of ``kwargs``, the others)."""
+    keys = DataDescription.keys()
+    described = {k: v for k, v in kwargs.items() if k in keys}
+    return described, {k: v for k, v in kwargs.items() if k not in keys}
+
+
+class DescribedDataModule(pl.LightningDataModule):
+    """A LightningDataModule with the ``DataDescription`` of its data, given as keyword arguments
+    (``**description``) and read back as ``dm.description`` or ``dm.log_snr_max``, ...."""
+
+    def __init__(self, **description: Any) -> None:
+        super().__init__()
+        described, unknown = split_description(description)
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} got unexpected arguments {sorted(unknown)}; besides its "
+                f"own, a data module takes the description keys {list(DataDescription.keys())}"
+            )
+        self.description = DataDescription(**described)
+
+    @property
+    def log_snr_max(self) -> float | None:
+        """Recommended upper end of the schedule's log-SNR."""
+        return self.description.log_snr_max
+
+    @property
+    def log_snr_min(self) -> float | None:
+        """Recommended lower end of the schedule's log-SNR."""
+        return self.description.log_snr_min
+
+    @property
+    def sigma_data(self) -> float | None:
+        """The data's std per dimension (EDM's sigma_data)."""
+        return self.description.sigma_data
+
+    @property
+    def fid_features(self) -> str | None:
+        """The FID feature extractor for this data."""
+        return self.description.fid_features
+
+    @property
+    def fid_features_path(self) -> str | None:
+        """The FID feature extractor's weights file."""
+        return self.description.fid_features_path
+
+
+class VectorDataModule(DescribedDataModule):
     """In-memory train/val/test splits of vectors ``x [n, d]`` with optional labels ``y [n]``.
 
     Args:
@@ -132,6 +213,7 @@ class VectorDataModule(pl.LightningDataModule):
         mixture: the true data density when known (a ``GaussianMixture``), else None.
         sampler: ``sampler(n, seed) -> x`` drawing fresh data; used by ``reference``
             (default: the mixture when there is one).
+        **description: the ``DataDescription`` (``log_snr_max``, ...).
     """
 
     def __init__(
@@ -150,8 +232,9 @@ class VectorDataModule(pl.LightningDataModule):
         num_classes: int | None = None,
         mixture: GaussianMixture | None = None,
         sampler: Callable[[int, int], Tensor] | None = None,
+        **description: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(**description)
         xs = (x_train, x_val, x_test)
         ys = (y_train, y_val, y_test)
         if any(x.ndim != 2 for x in xs) or len({x.shape[1] for x in xs}) != 1:
@@ -275,7 +358,10 @@ class VectorDataModule(pl.LightningDataModule):
 
 
 class MixtureDataModule(VectorDataModule):
-    """Splits drawn from a preset ``GaussianMixture`` (labels = components when ``labelled``)."""
+    """Splits drawn from a preset ``GaussianMixture`` (labels = components when ``labelled``).
+
+    The other keyword arguments are the ``DataDescription``'s and the preset's (``radius=3.0``).
+    """
 
     def __init__(
         self,
@@ -287,8 +373,9 @@ class MixtureDataModule(VectorDataModule):
         eval_batch_size: int = 2_000,
         seed: int = 0,
         labelled: bool = True,
-        **preset_kwargs,
+        **kwargs: Any,
     ) -> None:
+        description, preset_kwargs = split_description(kwargs)
         mixture = make_mixture(preset, **preset_kwargs)
         splits = []
         for n, stream in zip((n_train, n_val, n_test), _SPLIT_STREAMS, strict=True):
@@ -306,6 +393,7 @@ class MixtureDataModule(VectorDataModule):
             name=preset,
             num_classes=mixture.num_components if labelled else 0,
             mixture=mixture,
+            **description,
         )
         self.preset = preset
 
@@ -341,6 +429,7 @@ class ToyDataModule(VectorDataModule):
     ``x = scale * (raw - offset) / divisor`` (moons: offset (0.5, 0.25), divisor 0.7;
     swiss roll: offset (2.0, 0.2), divisor 6.8). ``noise`` is sklearn's, in raw units
     (default 0.05 for moons, 0.5 for the swiss roll). The true density is unknown (mixture None).
+    ``**description``: the ``DataDescription``.
     """
 
     def __init__(
@@ -354,6 +443,7 @@ class ToyDataModule(VectorDataModule):
         eval_batch_size: int = 2_000,
         seed: int = 0,
         scale: float = 1.0,
+        **description: Any,
     ) -> None:
         if name not in _TOYS:
             raise ValueError(f"unknown toy data set {name!r}; valid names: {sorted(_TOYS)}")
@@ -379,6 +469,7 @@ class ToyDataModule(VectorDataModule):
             name=name,
             num_classes=num_classes,
             mixture=None,
+            **description,
         )
 
     def _draw_labelled(self, n: int, seed: int) -> tuple[Tensor, Tensor | None]:

@@ -22,15 +22,21 @@ import shutil
 import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
 from diffexp.cli import ConfigError
-from diffexp.data.datamodules import TensorBatchDataset, _identity, derive_seed, shuffled_batches
+from diffexp.data.datamodules import (
+    DescribedDataModule,
+    TensorBatchDataset,
+    _identity,
+    derive_seed,
+    shuffled_batches,
+)
 from diffexp.diffusion.discretized import DiscretizedGaussianNLL
 
 __all__ = [
@@ -99,7 +105,7 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
         socket.setdefaulttimeout(previous)
 
 
-class ImageDataModule(pl.LightningDataModule):
+class ImageDataModule(DescribedDataModule):
     """Labelled images on ``num_levels`` levels, with fixed train/val/test splits.
 
     Subclasses implement ``_load() -> (levels_train, y_train, levels_val, y_val, levels_test,
@@ -115,6 +121,7 @@ class ImageDataModule(pl.LightningDataModule):
         eval_batch_size: validation / test batch size (sequential, last batch kept).
         seed: seeds the train shuffling (a fresh permutation every epoch, reproducible).
         split_seed: fixes which images go to which split (independent of ``seed``).
+        **description: the ``DataDescription`` (``log_snr_max``, ..., ``fid_features_path``).
     """
 
     def __init__(
@@ -128,8 +135,9 @@ class ImageDataModule(pl.LightningDataModule):
         eval_batch_size: int = 500,
         seed: int = 0,
         split_seed: int = 0,
+        **description: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(**description)
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError("batch_size and eval_batch_size must be >= 1")
         self._shape = tuple(int(s) for s in shape)
@@ -286,7 +294,7 @@ class DigitsDataModule(ImageDataModule):
     17 levels (``num_levels = 17``), no download (the data ship with scikit-learn). ``image_size``
     16 or 32 repeats every pixel 2x2 or 4x4 (nearest neighbour: exactly the same 17 values).
     Split: a fixed permutation (``split_seed``) of the 1797 images into 1257 train, 180 val and
-    360 test.
+    360 test. ``**description``: the ``DataDescription``.
     """
 
     def __init__(
@@ -296,6 +304,7 @@ class DigitsDataModule(ImageDataModule):
         eval_batch_size: int = 500,
         seed: int = 0,
         split_seed: int = 0,
+        **description: Any,
     ) -> None:
         if image_size not in _DIGITS_SIZES:
             raise ValueError(
@@ -312,6 +321,7 @@ class DigitsDataModule(ImageDataModule):
             eval_batch_size=eval_batch_size,
             seed=seed,
             split_seed=split_seed,
+            **description,
         )
 
     def _load(self) -> Splits:
@@ -444,6 +454,7 @@ class MNISTDataModule(_FileImageDataModule):
     layout; ``.gz`` copies are unpacked). Train/val: a fixed permutation (``split_seed``) of the
     60000 training images, the last ``val_size`` (default 5000) for val; test: the official 10000.
     ``pad_to_32`` pads to 32x32 with the background value (level 0, i.e. -1) for UNets.
+    ``**description``: the ``DataDescription``.
     """
 
     dataset_name = "MNIST"
@@ -458,6 +469,7 @@ class MNISTDataModule(_FileImageDataModule):
         eval_batch_size: int = 500,
         seed: int = 0,
         split_seed: int = 0,
+        **description: Any,
     ) -> None:
         self.pad_to_32 = bool(pad_to_32)
         size = 32 if self.pad_to_32 else 28
@@ -473,6 +485,7 @@ class MNISTDataModule(_FileImageDataModule):
             eval_batch_size=eval_batch_size,
             seed=seed,
             split_seed=split_seed,
+            **description,
         )
 
     @property
@@ -555,7 +568,8 @@ class CIFAR10DataModule(_FileImageDataModule):
     (with torchvision's archive checksum). Read in torchvision's format (pickles of dicts with
     ``data`` uint8 [n, 3072], channel-major rows, and ``labels``), without the md5 check of each
     batch file. Train/val: a fixed permutation (``split_seed``) of the 50000 training images, the
-    last ``val_size`` (default 5000) for val; test: the official 10000.
+    last ``val_size`` (default 5000) for val; test: the official 10000. ``**description``: the
+    ``DataDescription``.
     """
 
     dataset_name = "CIFAR-10"
@@ -569,6 +583,7 @@ class CIFAR10DataModule(_FileImageDataModule):
         eval_batch_size: int = 500,
         seed: int = 0,
         split_seed: int = 0,
+        **description: Any,
     ) -> None:
         super().__init__(
             data_dir,
@@ -582,6 +597,7 @@ class CIFAR10DataModule(_FileImageDataModule):
             eval_batch_size=eval_batch_size,
             seed=seed,
             split_seed=split_seed,
+            **description,
         )
         self.classes: list[str] | None = None
 

@@ -3,11 +3,15 @@
 Both networks take ``(x_t, log_snr) -> logits [B, num_classes]`` and are conditioned on the
 scaled log-SNR through ``LogSNREmbedding``, added inside every block, so one classifier serves
 every noise level. Activations are smooth (SiLU): guidance differentiates log_softmax w.r.t. x_t.
+``auto_noisy_classifier`` picks one from the data's shape (``classifier=auto``); ``spec()`` gives
+what a checkpoint stores to rebuild a classifier.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +19,12 @@ from torch import Tensor, nn
 
 from diffexp.networks.mlp import LogSNREmbedding
 
-__all__ = ["NoisyConvClassifier", "NoisyMLPClassifier", "log_snr_per_example"]
+__all__ = [
+    "NoisyConvClassifier",
+    "NoisyMLPClassifier",
+    "auto_noisy_classifier",
+    "log_snr_per_example",
+]
 
 
 def log_snr_per_example(log_snr: Tensor | float, x_t: Tensor) -> Tensor:
@@ -30,6 +39,11 @@ def log_snr_per_example(log_snr: Tensor | float, x_t: Tensor) -> Tensor:
             f"got shape {tuple(lam.shape)}"
         )
     return lam.reshape(n)
+
+
+def _target_of(module: nn.Module) -> str:
+    """The ``_target_`` string of a module's class."""
+    return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
 def _check_classes(num_classes: int) -> int:
@@ -66,6 +80,7 @@ class NoisyMLPClassifier(nn.Module):
     ) -> None:
         super().__init__()
         self.dim, self.num_classes = int(dim), _check_classes(num_classes)
+        self.width, self.depth, self.log_snr_scale = int(width), int(depth), float(log_snr_scale)
         self.embed = LogSNREmbedding(width, scale=log_snr_scale)
         self.inp = nn.Linear(self.dim, width)
         self.blocks = nn.ModuleList(_MLPBlock(width) for _ in range(depth))
@@ -76,13 +91,24 @@ class NoisyMLPClassifier(nn.Module):
         if x_t.dim() != 2 or x_t.shape[1] != self.dim:
             raise ValueError(
                 f"NoisyMLPClassifier(dim={self.dim}) takes vectors of shape [batch, {self.dim}], "
-                f"got {tuple(x_t.shape)}; for images use NoisyConvClassifier (classifier.kind=conv)"
+                f"got {tuple(x_t.shape)}; for images use NoisyConvClassifier (classifier=conv)"
             )
         emb = self.embed(log_snr_per_example(log_snr, x_t))
         h = self.inp(x_t)
         for block in self.blocks:
             h = block(h, emb)
         return self.out(h)
+
+    def spec(self) -> dict[str, Any]:
+        """``{"_target_": <this class>, **its constructor arguments}`` (plain numbers)."""
+        return {
+            "_target_": _target_of(self),
+            "dim": self.dim,
+            "width": self.width,
+            "depth": self.depth,
+            "num_classes": self.num_classes,
+            "log_snr_scale": self.log_snr_scale,
+        }
 
 
 def _groups(channels: int) -> int:
@@ -130,6 +156,7 @@ class NoisyConvClassifier(nn.Module):
             raise ValueError(f"NoisyConvClassifier needs image_size >= 4, got {image_size}")
         self.in_channels, self.image_size = int(in_channels), int(image_size)
         self.num_classes = _check_classes(num_classes)
+        self.base_channels, self.log_snr_scale = int(base_channels), float(log_snr_scale)
         emb_dim = 4 * base_channels
         self.embed = LogSNREmbedding(emb_dim, scale=log_snr_scale)
         self.stem = nn.Conv2d(self.in_channels, base_channels, 3, padding=1)
@@ -153,7 +180,7 @@ class NoisyConvClassifier(nn.Module):
         if x_t.dim() != 4 or tuple(x_t.shape[1:]) != (c, size, size):
             raise ValueError(
                 f"NoisyConvClassifier takes images of shape [batch, {c}, {size}, {size}], got "
-                f"{tuple(x_t.shape)}; for vectors use NoisyMLPClassifier (classifier.kind=mlp)"
+                f"{tuple(x_t.shape)}; for vectors use NoisyMLPClassifier (classifier=mlp)"
             )
         emb = self.embed(log_snr_per_example(log_snr, x_t))
         h = self.stem(x_t)
@@ -163,3 +190,43 @@ class NoisyConvClassifier(nn.Module):
                 h = self.downs[i](h)
         h = F.silu(self.head_norm(h)).mean(dim=(2, 3))
         return self.head(h)
+
+    def spec(self) -> dict[str, Any]:
+        """``{"_target_": <this class>, **its constructor arguments}`` (plain numbers)."""
+        return {
+            "_target_": _target_of(self),
+            "in_channels": self.in_channels,
+            "image_size": self.image_size,
+            "base_channels": self.base_channels,
+            "num_classes": self.num_classes,
+            "log_snr_scale": self.log_snr_scale,
+        }
+
+
+def auto_noisy_classifier(
+    shape: Sequence[int],
+    num_classes: int,
+    width: int = 256,
+    depth: int = 3,
+    base_channels: int = 32,
+    log_snr_scale: float = 10.0,
+) -> NoisyMLPClassifier | NoisyConvClassifier:
+    """The classifier for data of ``shape``: ``NoisyMLPClassifier(width, depth)`` for vectors
+    ``(d,)``, ``NoisyConvClassifier(base_channels)`` for square images ``(C, H, H)``."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 1:
+        return NoisyMLPClassifier(
+            shape[0], num_classes, width=width, depth=depth, log_snr_scale=log_snr_scale
+        )
+    if len(shape) == 3 and shape[1] == shape[2]:
+        return NoisyConvClassifier(
+            shape[0],
+            shape[1],
+            num_classes,
+            base_channels=base_channels,
+            log_snr_scale=log_snr_scale,
+        )
+    raise ValueError(
+        f"no noisy classifier takes data of shape {shape}: NoisyMLPClassifier takes vectors (d,), "
+        "NoisyConvClassifier square images (C, H, H)"
+    )
