@@ -1,4 +1,5 @@
-"""Networks conditioned on log-SNR: an MLP for vectors and the Gaussian-mixture oracle."""
+"""Networks conditioned on log-SNR: the MLP (vectors), the UNet (images), noisy classifiers
+(``classifier``) and the Gaussian-mixture oracle; they import nothing above ``data``."""
 
 from diffexp.networks.mlp import MLP
 from diffexp.networks.oracle import Oracle, OracleClassifier
