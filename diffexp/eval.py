@@ -298,6 +298,7 @@ def estimators_report(model: LoadedModel, cfg: DictConfig) -> dict[str, Any]:
     """Spread of one-sample ELBO estimators: the two forms at each T, and other schedules."""
     import torch
 
+    from diffexp.build.factory import fixed_schedule
     from diffexp.metrics.estimators import flatten, forms_report, schedules_report
 
     est = cfg.get("estimators") or {}
@@ -313,7 +314,10 @@ def estimators_report(model: LoadedModel, cfg: DictConfig) -> dict[str, Any]:
     if steps:
         report.update(flatten("forms", forms_report(*args, steps, n_repeats=n_repeats, **kwargs)))
     if names:
-        stats = schedules_report(*args, names, n_repeats=n_repeats, **kwargs)
+        ends = model.denoiser.schedule.endpoints
+        own = model.denoiser.schedule
+        schedules = {n: own if n == "own" else fixed_schedule(n, *ends) for n in names}
+        stats = schedules_report(*args, schedules, n_repeats=n_repeats, **kwargs)
         report.update(flatten("schedules", stats))
     report["estimators_convention"] = (
         "one-sample estimates of -ELBO (one time or step per example), nats per example, over "

@@ -96,6 +96,13 @@ CASES: list[Case] = [
     Case("eval_cfg_unconditional", "eval", _run("guidance=cfg"), "guidance=cfg"),
     # 2. a split that does not exist
     Case("eval_split_foo", "eval", _plain("split=foo"), "split='foo'"),
+    # a learned schedule has no fixed shape to compare the ELBO under (the options: conf/schedule)
+    Case(
+        "eval_estimators_learned_schedule",
+        "eval",
+        _plain("estimators.schedules=[own,learned]"),
+        "estimators.schedules='learned'",
+    ),
     # 3. overrides of what the checkpoint defines (they would be ignored)
     Case("eval_data_override", "eval", _run("data=grid25"), "data=grid25"),
     Case(

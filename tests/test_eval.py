@@ -98,7 +98,7 @@ def test_estimator_report_agrees_on_the_bound_and_differs_in_spread(compose):
 
 def test_estimator_report_rejects_unknown_schedules(compose):
     cfg = compose(["n_samples=0", "estimators.schedules=[learned]"], name="eval")
-    with pytest.raises(ValueError, match="valid: own, linear, cosine, log_linear"):
+    with pytest.raises(ValueError, match="valid: own, cosine, linear, log_linear, rectified_flow"):
         evaluate(cfg)
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from diffexp.cli import ConfigError
+from diffexp.cli import CONF_DIR, ConfigError
 
 _ABSENT = object()
 
@@ -250,8 +251,37 @@ def check_train(cfg: DictConfig) -> None:
 def check_eval(cfg: DictConfig) -> None:
     """Refuse an evaluation config whose values are of the wrong type or out of range."""
     check_rules(cfg, EVAL_RULES)
+    names = OmegaConf.select(cfg, "estimators.schedules") or []
+    if names:
+        check_schedule_options(list(names), "estimators.schedules")
 
 
 def check_sample(cfg: DictConfig) -> None:
     """Refuse a sampling config whose values are of the wrong type or out of range."""
     check_rules(cfg, SAMPLE_RULES)
+
+
+def fixed_schedule_options() -> list[str]:
+    """The ``schedule=`` options of conf/schedule with fixed shapes (not learned): the schedules
+    the ELBO estimators can compare at a model's endpoints."""
+    from hydra.utils import get_class
+
+    from diffexp.diffusion.schedules import Learned
+
+    options = []
+    for path in sorted(Path(CONF_DIR, "schedule").glob("*.yaml")):
+        target = OmegaConf.load(path).get("_target_")
+        if target and not issubclass(get_class(target), Learned):
+            options.append(path.stem)
+    return options
+
+
+def check_schedule_options(names: list[str], key: str) -> None:
+    """Refuse names that are neither ``own`` nor a fixed schedule of conf/schedule."""
+    valid = ["own", *fixed_schedule_options()]
+    bad = [n for n in names if n not in valid]
+    if bad:
+        raise ConfigError(
+            f"{key}={bad[0]!r}: not a schedule to compare at the model's endpoints; "
+            f"valid: {', '.join(valid)} (own: the model's; a learned schedule has no fixed shape)"
+        )

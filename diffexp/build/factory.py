@@ -10,6 +10,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from diffexp.build.checks import check_schedule_options
 from diffexp.build.guidance_specs import NoGuidance
 from diffexp.cli import CONF_DIR, ConfigError
 from diffexp.diffusion.denoiser import Denoiser
@@ -66,6 +67,13 @@ def labelled_data_options(cfg: DictConfig) -> list[str]:
         if getattr(datamodule, "num_classes", 0):
             labelled.append(path.stem)
     return labelled
+
+
+def fixed_schedule(name: str, log_snr_max: float, log_snr_min: float) -> torch.nn.Module:
+    """conf/schedule/<name>.yaml built with the endpoints given (a fixed schedule)."""
+    check_schedule_options([name], "schedule")
+    node = OmegaConf.load(Path(CONF_DIR, "schedule", f"{name}.yaml"))
+    return instantiate(node, log_snr_max=log_snr_max, log_snr_min=log_snr_min)
 
 
 def build_network(

@@ -31,7 +31,7 @@ from torch import Tensor
 from diffexp.diffusion.consistency import consistency_terms
 from diffexp.diffusion.denoiser import Denoiser
 from diffexp.diffusion.elbo import ELBOTerms, elbo_terms
-from diffexp.diffusion.schedules import SCHEDULES, Learned
+from diffexp.diffusion.schedules import Schedule
 from diffexp.diffusion.tensors import device_of
 
 Batches = Iterable[tuple[Tensor, Tensor | None]]
@@ -115,31 +115,21 @@ def forms_report(
     return report
 
 
-def with_schedule(denoiser: Denoiser, name: str) -> Denoiser:
-    """The same network and parameterization under schedule ``name`` with equal endpoints."""
-    if name == "own":
-        return denoiser
-    if name not in SCHEDULES or SCHEDULES[name] is Learned:
-        valid = ", ".join(["own", *(k for k, v in SCHEDULES.items() if v is not Learned)])
-        raise ValueError(f"unknown schedule {name!r} for estimators.schedules; valid: {valid}")
-    log_snr_max, log_snr_min = denoiser.schedule.endpoints
-    schedule = SCHEDULES[name](log_snr_max=log_snr_max, log_snr_min=log_snr_min)
-    return Denoiser(denoiser.network, denoiser.parameterization, schedule.to(device_of(denoiser)))
-
-
 def schedules_report(
     denoiser: Denoiser,
     batches: Batches,
-    names: list[str],
+    schedules: dict[str, Schedule],
     reconstruction_nll: Any,
     generator: torch.Generator,
     n_repeats: int = 1,
 ) -> dict[str, dict[str, float]]:
-    """{'<schedule>': stats} of the continuous-time ELBO under each schedule ('own': the
-    model's)."""
+    """{'<name>': stats} of the continuous-time ELBO of the same network and parameterization
+    under each of ``schedules`` (the model's own among them, or others with equal endpoints)."""
     estimators: dict[str, Estimator] = {}
-    for name in names:
-        den = with_schedule(denoiser, name)
+    for name, schedule in schedules.items():
+        den = Denoiser(
+            denoiser.network, denoiser.parameterization, schedule.to(device_of(denoiser))
+        )
         estimators[name] = lambda x, y, den=den: elbo_terms(
             den, x, y, reconstruction_nll=reconstruction_nll, generator=generator
         )
