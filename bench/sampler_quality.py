@@ -35,6 +35,7 @@ from diffexp.diffusion.samplers import (
     DDIM,
     Ancestral,
     AnnealedLangevin,
+    DPMSolverPP2M,
     PredictorCorrector,
     ProbabilityFlowODE,
     ReverseSDE,
@@ -48,21 +49,38 @@ LAST = "last_step"
 
 # label -> (target NFE -> sampler with NFE <= target)
 ROWS: dict[str, Callable[[int], Sampler]] = {
-    "ancestral (uniform, +denoise)": lambda n: Ancestral(n - 1, "uniform", True),
-    "ancestral (log_snr, last_step)": lambda n: Ancestral(n, "log_snr", LAST),
-    "ddim eta=0 (log_snr, last_step)": lambda n: DDIM(n, 0.0, "log_snr", LAST),
-    "sde euler-maruyama (log_snr, last_step)": lambda n: ReverseSDE(n, "log_snr", LAST),
-    "ode heun (karras, last_step)": lambda n: ProbabilityFlowODE(
-        (n + 1) // 2, "heun", time_grid="karras", final_denoise=LAST
+    "ancestral (uniform, +denoise)": lambda n: Ancestral(
+        steps=n - 1, time_grid="uniform", final_denoise=True
     ),
-    "ode dpm++2m (log_snr, last_step)": lambda n: ProbabilityFlowODE(
-        n, "dpmpp_2m", time_grid="log_snr", final_denoise=LAST
+    "ancestral (log_snr, last_step)": lambda n: Ancestral(
+        steps=n, time_grid="log_snr", final_denoise=LAST
+    ),
+    "ddim eta=0 (log_snr, last_step)": lambda n: DDIM(
+        steps=n, eta=0.0, time_grid="log_snr", final_denoise=LAST
+    ),
+    "sde euler-maruyama (log_snr, last_step)": lambda n: ReverseSDE(
+        steps=n, time_grid="log_snr", final_denoise=LAST
+    ),
+    "ode heun (karras, last_step)": lambda n: ProbabilityFlowODE(
+        steps=(n + 1) // 2, solver="heun", time_grid="karras", final_denoise=LAST
+    ),
+    "ode dpm++2m (log_snr, last_step)": lambda n: DPMSolverPP2M(
+        steps=n, time_grid="log_snr", final_denoise=LAST
     ),
     "langevin step_scale=0.5 (log_snr, last_step)": lambda n: AnnealedLangevin(
-        max(1, n // 100), (n - 1) // max(1, n // 100) + 1, 0.5, "log_snr", LAST
+        steps_per_level=max(1, n // 100),
+        levels=(n - 1) // max(1, n // 100) + 1,
+        step_scale=0.5,
+        time_grid="log_snr",
+        final_denoise=LAST,
     ),
     "pc ancestral+1 corrector snr=0.16 (log_snr, last_step)": lambda n: PredictorCorrector(
-        "ancestral", (n - 1) // 2 + 1, 1, 0.16, "log_snr", LAST
+        predictor="ancestral",
+        steps=(n - 1) // 2 + 1,
+        corrector_steps=1,
+        snr=0.16,
+        time_grid="log_snr",
+        final_denoise=LAST,
     ),
 }
 ADAPTIVE = [("dopri5", tol) for tol in (1e-2, 1e-3, 1e-4, 1e-5)] + [("bosh3", 1e-3)]

@@ -18,8 +18,9 @@ from diffexp.diffusion import schedules as S
 from diffexp.diffusion.denoiser import Denoiser, broadcast_like
 from diffexp.diffusion.elbo import diffuse, elbo_terms
 from diffexp.diffusion.loss import WeightedLoss
+from diffexp.diffusion.noise_level import NoiseLevel
 from diffexp.diffusion.noise_sampling import NOISE_SAMPLINGS, LogitNormal, LogNormal, ScheduleTimes
-from diffexp.diffusion.parameterizations import PARAMETERIZATIONS, a_s, get_parameterization
+from diffexp.diffusion.parameterizations import PARAMETERIZATIONS, get_parameterization
 from diffexp.diffusion.weighting import (
     WEIGHTINGS,
     EDMWeighting,
@@ -278,7 +279,8 @@ class _KnownEpsError(nn.Module):
     def forward(self, net_in, log_snr, y=None):
         lam = broadcast_like(log_snr, net_in)
         x_t = self.param.x_t_of_network_input(net_in, lam)
-        a, s = a_s(lam)
+        level = NoiseLevel(lam)
+        a, s = level.a, level.s
         eps_hat = (x_t - a * self.x0) / s + self.delta
         return self.param.output_from((x_t - s * eps_hat) / a, eps_hat, lam)
 
@@ -368,7 +370,8 @@ def test_diffuse_agrees_with_the_flow_path():
     """x_t / (a + s) = (1 - t) x0 + t eps, t = s / (a + s): the flow network's input."""
     x0, eps = _ring(16), torch.randn(16, 2, dtype=F64)
     lam = torch.linspace(-6, 8, 16, dtype=F64)
-    a, s = a_s(lam[:, None])
+    level = NoiseLevel(lam[:, None])
+    a, s = level.a, level.s
     t = s / (a + s)
     z = _param("flow").network_input(diffuse(x0, lam, eps), lam[:, None])
     torch.testing.assert_close(z, (1 - t) * x0 + t * eps, rtol=1e-12, atol=1e-12)

@@ -12,7 +12,8 @@ from torch import nn
 from diffexp.diffusion import schedules as S
 from diffexp.diffusion.denoiser import Denoiser, broadcast_like
 from diffexp.diffusion.elbo import diffuse, elbo_terms, snr_difference
-from diffexp.diffusion.parameterizations import PARAMETERIZATIONS, a_s, get_parameterization
+from diffexp.diffusion.noise_level import NoiseLevel
+from diffexp.diffusion.parameterizations import PARAMETERIZATIONS, get_parameterization
 from diffexp.networks import MLP
 from tests.helpers import ENDS, F64, oracle_denoiser
 
@@ -42,8 +43,8 @@ def test_output_round_trip_and_consistency_with_x_t(name):
     _, _, lam, x_t = _batch()
     out = torch.randn_like(x_t)
     x0_hat, eps_hat = p.convert(out, x_t, lam)
-    a, s = a_s(lam)
-    torch.testing.assert_close(a * x0_hat + s * eps_hat, x_t, rtol=1e-9, atol=1e-9)
+    level = NoiseLevel(lam)
+    torch.testing.assert_close(level.a * x0_hat + level.s * eps_hat, x_t, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(p.output_from(x0_hat, eps_hat, lam), out, rtol=1e-9, atol=1e-9)
 
 
@@ -167,8 +168,8 @@ def test_flow_is_the_rectified_flow_path():
     """z = (1 - t) x0 + t eps = x_t / (a + s) with t = s / (a + s); u = eps - x0."""
     p = get_parameterization("flow")
     x0, eps, lam, x_t = _batch(seed=5)
-    a, s = a_s(lam)
-    t = s / (a + s)
+    level = NoiseLevel(lam)
+    t = level.s / (level.a + level.s)
     torch.testing.assert_close(
         p.network_input(x_t, lam), (1 - t) * x0 + t * eps, rtol=1e-10, atol=1e-10
     )

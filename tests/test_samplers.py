@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -16,13 +17,17 @@ from diffexp.diffusion import schedules as S
 from diffexp.diffusion.parameterizations import PARAMETERIZATIONS
 from diffexp.diffusion.samplers import (
     DDIM,
+    FIXED_STEP_SOLVERS,
     Ancestral,
     AnnealedLangevin,
+    DPMSolverPP2M,
     FlowEuler,
+    Grid,
     PredictorCorrector,
     ProbabilityFlowODE,
     ReverseSDE,
     Sampler,
+    StepInfo,
     time_grid,
 )
 from diffexp.metrics.sliced_wasserstein import sliced_wasserstein
@@ -99,17 +104,24 @@ def test_ancestral_sampler_with_too_few_steps_is_measurably_worse():
 
 
 # every sampler at enough steps (NFE in the comment)
+PC = {"corrector_steps": 1, "snr": 0.16, "time_grid": "log_snr", "final_denoise": LAST}
 CONVERGED = {
-    "ddim-eta0": DDIM(500, 0.0, "log_snr", LAST),  # 500
-    "sde": ReverseSDE(500, "log_snr", LAST),  # 500
-    "ode-heun": ProbabilityFlowODE(50, "heun", time_grid="karras", final_denoise=LAST),  # 99
-    "ode-dpmpp_2m": ProbabilityFlowODE(100, "dpmpp_2m", time_grid="log_snr", final_denoise=LAST),
+    "ddim-eta0": DDIM(steps=500, eta=0.0, time_grid="log_snr", final_denoise=LAST),  # 500
+    "sde": ReverseSDE(steps=500, time_grid="log_snr", final_denoise=LAST),  # 500
+    "ode-heun": ProbabilityFlowODE(
+        steps=50, solver="heun", time_grid="karras", final_denoise=LAST
+    ),  # 99
+    "ode-dpmpp_2m": DPMSolverPP2M(steps=100, time_grid="log_snr", final_denoise=LAST),  # 100
     "ode-dopri5": ProbabilityFlowODE(solver="dopri5", rtol=1e-4, atol=1e-4),  # ~75
-    "ode-rk4": ProbabilityFlowODE(20, "rk4", time_grid="log_snr", final_denoise=LAST),  # 77
-    "langevin": AnnealedLangevin(10, 100, 0.5, "log_snr", LAST),  # 991
-    "pc-ancestral": PredictorCorrector("ancestral", 500, 1, 0.16, "log_snr", LAST),  # 999
-    "pc-ddim": PredictorCorrector("ddim", 200, 1, 0.16, "log_snr", LAST),  # 399
-    "pc-sde": PredictorCorrector("sde", 200, 1, 0.16, "log_snr", LAST),  # 399
+    "ode-rk4": ProbabilityFlowODE(
+        steps=20, solver="rk4", time_grid="log_snr", final_denoise=LAST
+    ),  # 77
+    "langevin": AnnealedLangevin(
+        steps_per_level=10, levels=100, step_scale=0.5, time_grid="log_snr", final_denoise=LAST
+    ),  # 991
+    "pc-ancestral": PredictorCorrector(predictor="ancestral", steps=500, **PC),  # 999
+    "pc-ddim": PredictorCorrector(predictor="ddim", steps=200, **PC),  # 399
+    "pc-sde": PredictorCorrector(predictor="sde", steps=200, **PC),  # 399
 }
 
 
@@ -129,15 +141,18 @@ def test_euler_on_the_flow_ode_is_ddim_with_eta_0(param, schedule, grid):
     den = oracle_denoiser("ring8", param, S.SCHEDULES[schedule](**ENDS).double())
     f64 = torch.float64
     for final in (True, LAST):
-        a = FlowEuler(12, grid, final).sample(den, (500, 2), generator=_gen(3), dtype=f64)
-        b = DDIM(12, 0.0, grid, final).sample(den, (500, 2), generator=_gen(3), dtype=f64)
+        a = FlowEuler(steps=12, time_grid=grid, final_denoise=final)
+        a = a.sample(den, (500, 2), generator=_gen(3), dtype=f64)
+        b = DDIM(steps=12, eta=0.0, time_grid=grid, final_denoise=final)
+        b = b.sample(den, (500, 2), generator=_gen(3), dtype=f64)
         assert a.nfe == b.nfe
         torch.testing.assert_close(a.x, b.x, rtol=1e-10, atol=1e-10)
 
 
 def test_reverse_sde_on_a_cosine_schedule_uses_its_derivative(ring):
     den = oracle_denoiser("ring8", "eps", S.Cosine(**ENDS)).float()
-    result = ReverseSDE(500, "uniform", True).sample(den, (N, 2), generator=_gen(0))
+    sampler = ReverseSDE(steps=500, time_grid="uniform", final_denoise=True)
+    result = sampler.sample(den, (N, 2), generator=_gen(0))
     assert result.nfe == 501
     assert sliced_wasserstein(result.x, ring["ref"], n_projections=512) < 1.5 * ring["floor"]
     gap = ring["mixture"].log_prob(result.x).mean().item() - ring["data_log_density"]
@@ -147,19 +162,21 @@ def test_reverse_sde_on_a_cosine_schedule_uses_its_derivative(ring):
 def test_ddim_with_eta_1_is_the_ancestral_sampler(den, ring):
     den64, f64 = oracle_denoiser("ring8", "eps", S.LogLinear(**ENDS)), torch.float64
     for grid, final in [("uniform", True), ("karras", LAST)]:
-        a = Ancestral(30, grid, final).sample(den64, (1000, 2), generator=_gen(4), dtype=f64)
-        b = DDIM(30, 1.0, grid, final).sample(den64, (1000, 2), generator=_gen(4), dtype=f64)
+        a = Ancestral(steps=30, time_grid=grid, final_denoise=final)
+        a = a.sample(den64, (1000, 2), generator=_gen(4), dtype=f64)
+        b = DDIM(steps=30, eta=1.0, time_grid=grid, final_denoise=final)
+        b = b.sample(den64, (1000, 2), generator=_gen(4), dtype=f64)
         assert a.nfe == b.nfe
         # the same draws give the same samples, up to rounding
         torch.testing.assert_close(a.x, b.x, rtol=0, atol=1e-9)
     # and in distribution, from independent draws
-    a = Ancestral(200).sample(den, (N, 2), generator=_gen(5)).x
-    b = DDIM(200, 1.0).sample(den, (N, 2), generator=_gen(6)).x
+    a = Ancestral(steps=200).sample(den, (N, 2), generator=_gen(5)).x
+    b = DDIM(steps=200, eta=1.0).sample(den, (N, 2), generator=_gen(6)).x
     assert sliced_wasserstein(a, b, n_projections=512) < 1.5 * ring["floor"]
 
 
 def test_ddim_with_eta_0_is_deterministic_given_the_initial_noise(den, monkeypatch):
-    sampler = DDIM(20, 0.0, "log_snr", LAST)
+    sampler = DDIM(steps=20, eta=0.0, time_grid="log_snr", final_denoise=LAST)
     a = sampler.sample(den, (500, 2), generator=_gen(7)).x
     b = sampler.sample(den, (500, 2), generator=_gen(7)).x
     torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -176,7 +193,7 @@ def test_ddim_with_eta_0_is_deterministic_given_the_initial_noise(den, monkeypat
     c = sampler.sample(den, (500, 2), generator=_gen(7)).x
     torch.testing.assert_close(a, c, rtol=0, atol=0)
     calls.clear()
-    noisy = DDIM(20, 0.5, "log_snr", LAST)  # eta > 0 does depend on them
+    noisy = DDIM(steps=20, eta=0.5, time_grid="log_snr", final_denoise=LAST)  # eta > 0 does
     d = noisy.sample(den, (500, 2), generator=_gen(7)).x
     assert len(calls) > 1
     monkeypatch.setattr(torch, "randn", real_randn)
@@ -191,7 +208,7 @@ def _nfe_formula(sampler: Sampler, steps: int) -> int | None:
     if isinstance(sampler, ProbabilityFlowODE):
         if sampler.adaptive:
             return None
-        per_step = {"heun": 2, "euler": 1, "dpmpp_2m": 1, "rk4": 4, "midpoint": 2}[sampler.solver]
+        per_step = {"heun": 2, "euler": 1, "rk4": 4, "midpoint": 2}[sampler.solver]
         return per_step * (steps - end) + extra
     if isinstance(sampler, AnnealedLangevin):
         return sampler.steps_per_level * (steps - end) + extra
@@ -213,15 +230,16 @@ NFE_CASES = [
     ProbabilityFlowODE(solver="heun"),
     ProbabilityFlowODE(solver="heun", final_denoise=LAST),
     ProbabilityFlowODE(solver="euler", final_denoise=False),
-    ProbabilityFlowODE(solver="dpmpp_2m", time_grid="log_snr", final_denoise=LAST),
+    DPMSolverPP2M(time_grid="log_snr", final_denoise=LAST),
+    DPMSolverPP2M(time_grid="karras"),
     ProbabilityFlowODE(solver="rk4", time_grid="log_snr"),
     ProbabilityFlowODE(solver="midpoint", final_denoise=LAST),
     ProbabilityFlowODE(solver="dopri5", rtol=1e-3, atol=1e-3),
     AnnealedLangevin(steps_per_level=3),
     AnnealedLangevin(steps_per_level=2, final_denoise=LAST),
-    PredictorCorrector("ancestral", corrector_steps=2),
-    PredictorCorrector("ddim", final_denoise=LAST),
-    PredictorCorrector("sde", final_denoise=False, step_size="per_example"),
+    PredictorCorrector(predictor="ancestral", corrector_steps=2),
+    PredictorCorrector(predictor="ddim", final_denoise=LAST),
+    PredictorCorrector(predictor="sde", final_denoise=False, step_size="per_example"),
 ]
 
 
@@ -238,14 +256,14 @@ def test_nfe_is_exact(sampler, den):
 
 
 def test_reprs_name_the_sampler_and_its_settings():
-    assert repr(DDIM(7, 0.5, "karras", LAST)) == (
+    assert repr(DDIM(steps=7, eta=0.5, time_grid="karras", final_denoise=LAST)) == (
         "DDIM(steps=7, eta=0.5, time_grid='karras', final_denoise='last_step')"
     )
     assert repr(ProbabilityFlowODE(solver="dopri5", rtol=1e-3, atol=1e-4)).startswith(
         "ProbabilityFlowODE(steps=50, solver='dopri5', rtol=0.001, atol=0.0001"
     )
     assert "levels=100" in repr(AnnealedLangevin()) and "step_scale" in repr(AnnealedLangevin())
-    assert "predictor='sde'" in repr(PredictorCorrector("sde"))
+    assert "predictor='sde'" in repr(PredictorCorrector(predictor="sde"))
     for sampler in NFE_CASES:
         assert repr(sampler).startswith(type(sampler).__name__ + "(steps=") or (
             isinstance(sampler, (AnnealedLangevin, PredictorCorrector))
@@ -254,13 +272,111 @@ def test_reprs_name_the_sampler_and_its_settings():
     with pytest.raises(ValueError, match="final_denoise"):
         DDIM(final_denoise="yes")
     with pytest.raises(ValueError, match="valid"):
-        PredictorCorrector("heun")
+        PredictorCorrector(predictor="heun")
+
+
+def test_samplers_take_their_settings_by_keyword_and_check_them_in_one_place():
+    with pytest.raises(TypeError):
+        DDIM(7)  # keyword only
+    with pytest.raises(ValueError, match="time grid"):
+        FlowEuler(time_grid="karras-typo")
+    with pytest.raises(ValueError, match="eta"):
+        DDIM(eta=1.5)
+    with pytest.raises(ValueError, match="step_size"):
+        PredictorCorrector(step_size="each")
+    assert DDIM(eta=0).eta == 0.0 and isinstance(DDIM(eta=0).eta, float)
+    assert isinstance(Ancestral(steps=7.0).steps, int)
+    # settings() lists the fields (own ones, then the shared ones); rtol/atol only if adaptive
+    assert list(PredictorCorrector().settings()) == [
+        "predictor",
+        "steps",
+        "corrector_steps",
+        "snr",
+        "step_size",
+        "time_grid",
+        "final_denoise",
+    ]
+    assert list(ProbabilityFlowODE().settings()) == [
+        "steps",
+        "solver",
+        "time_grid",
+        "final_denoise",
+    ]
+    assert repr(DPMSolverPP2M()) == (
+        "DPMSolverPP2M(steps=50, time_grid='log_snr', final_denoise=True)"
+    )
+    # AnnealedLangevin's levels and steps are one number, whichever is set
+    langevin = AnnealedLangevin(levels=5)
+    assert langevin.steps == 5
+    langevin.steps = 3
+    assert langevin.levels == 3 and "levels=3" in repr(langevin) and "steps=" not in repr(langevin)
+
+
+def test_dpmpp_2m_is_its_own_sampler_not_an_ode_solver():
+    with pytest.raises(ValueError, match="DPMSolverPP2M"):
+        ProbabilityFlowODE(solver="dpmpp_2m")
+
+
+def test_dpmpp_2m_first_step_is_ddim():
+    """With no previous x0_hat, D = x0_hat: x_s = (s_s/s_t) x_t - a_s expm1(-h) x0_hat is DDIM."""
+    den = oracle_denoiser("ring8", "eps", S.Cosine(**ENDS))
+    f64 = torch.float64
+    a = DPMSolverPP2M(steps=1, final_denoise=False).sample(
+        den, (200, 2), generator=_gen(8), dtype=f64
+    )
+    b = DDIM(steps=1, time_grid="log_snr", final_denoise=False)
+    b = b.sample(den, (200, 2), generator=_gen(8), dtype=f64)
+    torch.testing.assert_close(a.x, b.x, rtol=1e-12, atol=1e-12)
+
+
+# torchdiffeq's solvers and the Langevin levels report no x0_hat
+_NO_X0_HAT = (AnnealedLangevin,)
+
+
+@pytest.mark.parametrize("sampler", NFE_CASES, ids=repr)
+def test_the_callback_sees_every_step_and_changes_nothing(sampler, den):
+    """Called after each step and after the final denoise: steps - end + (1 if final_denoise)
+    times, from grid point i = steps down, with that point's t and log-SNR; the last x is the
+    sample; and sampling with a callback is bit for bit sampling without one."""
+    steps = 5
+    sampler = copy.copy(sampler)
+    sampler.steps = steps
+    end = 1 if sampler.final_denoise == LAST else 0
+    seen: list[StepInfo] = []
+    result = sampler.sample(den, (16, 2), generator=_gen(0), callback=seen.append)
+    plain = sampler.sample(den, (16, 2), generator=_gen(0))
+    torch.testing.assert_close(result.x, plain.x, rtol=0, atol=0)
+    assert result.nfe == plain.nfe
+
+    assert len(seen) == steps - end + (1 if sampler.final_denoise else 0)
+    assert [info.i for info in seen] == list(range(steps, end, -1)) + (
+        [end] if sampler.final_denoise else []
+    )
+    grid = Grid.build(den.schedule, steps, sampler.time_grid, dtype=torch.float32)
+    for info in seen:
+        assert info.t == grid.t[info.i] and info.log_snr == grid.log_snr[info.i]
+        assert info.x.shape == (16, 2)
+    assert seen[-1].x is result.x
+    solver = getattr(sampler, "solver", None)
+    no_x0_hat = isinstance(sampler, _NO_X0_HAT) or solver not in (None, *FIXED_STEP_SOLVERS)
+    chain = seen[:-1] if sampler.final_denoise else seen
+    assert all((info.x0_hat is None) == no_x0_hat for info in chain)
+    if sampler.final_denoise:
+        assert seen[-1].x0_hat is result.x
+
+
+def test_the_callbacks_x0_hat_is_the_denoisers_at_the_steps_start(den):
+    seen: list[StepInfo] = []
+    Ancestral(steps=4).sample(den, (16, 2), generator=_gen(0), callback=seen.append)
+    for before, info in zip(seen, seen[1:], strict=False):
+        expected = den(before.x, log_snr=info.log_snr).x0_hat
+        torch.testing.assert_close(info.x0_hat, expected, rtol=0, atol=0)
 
 
 def test_every_sampler_config_instantiates_with_a_steps_override():
     conf = Path(__file__).resolve().parents[1] / "conf" / "sampler"
     names = sorted(p.stem for p in conf.glob("*.yaml"))
-    assert {"ancestral", "ddim", "sde", "ode", "langevin", "pc"} <= set(names)
+    assert {"ancestral", "ddim", "sde", "ode", "dpmpp_2m", "langevin", "pc"} <= set(names)
     for path in sorted(conf.glob("*.yaml")):
         assert path.read_text().startswith("#"), path
         cfg = OmegaConf.load(path)

@@ -26,7 +26,8 @@ def test_log_snr_strictly_decreasing_with_exact_endpoints(schedule):
     assert lam[0].item() == pytest.approx(10.0, abs=1e-9)
     assert lam[-1].item() == pytest.approx(-8.0, abs=1e-9)
     # derived quantities are consistent: a^2 + s^2 = 1, SNR = a^2 / s^2
-    a2, s2 = schedule.a(t) ** 2, schedule.s(t) ** 2
+    level = schedule.noise_level(t)
+    a2, s2 = level.a**2, level.s**2
     torch.testing.assert_close(a2 + s2, torch.ones_like(t))
     torch.testing.assert_close(torch.log(a2 / s2), lam.to(T64), rtol=1e-9, atol=1e-9)
 
@@ -66,15 +67,16 @@ def test_rectified_flow_is_the_straight_path():
     u0, u1 = torch.sigmoid(torch.tensor([-5.0, 4.0], dtype=T64))  # t_rf at lambda = 10 and -8
     u = u0 + (u1 - u0) * t
     r = 1 / torch.sqrt((1 - u) ** 2 + u**2)
-    torch.testing.assert_close(sched.a(t), (1 - u) * r, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(sched.s(t), u * r, rtol=1e-12, atol=1e-12)
+    level = sched.noise_level(t)
+    torch.testing.assert_close(level.a, (1 - u) * r, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(level.s, u * r, rtol=1e-12, atol=1e-12)
 
 
 def test_linear_is_ddpm_closed_form():
     sched = S.Linear()
     t = torch.linspace(0.001, 1, 100, dtype=T64)
     expected = torch.exp(-(0.1 * t + 0.5 * (20.0 - 0.1) * t**2))
-    torch.testing.assert_close(sched.alpha_bar(t), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(sched.noise_level(t).alpha_bar, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_cosine_is_nichol_dhariwal_closed_form():
@@ -85,7 +87,7 @@ def test_cosine_is_nichol_dhariwal_closed_form():
         return torch.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
 
     torch.testing.assert_close(
-        sched.alpha_bar(t), f(t) / f(torch.zeros(1, dtype=T64)), rtol=1e-9, atol=1e-12
+        sched.noise_level(t).alpha_bar, f(t) / f(torch.zeros(1, dtype=T64)), rtol=1e-9, atol=1e-12
     )
 
 
@@ -110,7 +112,7 @@ def test_discrete_linear_table_converges_to_the_continuous_schedule():
     errors = {}
     for T in (50, 200, 1000, 4000):
         i = torch.arange(1, T + 1, dtype=T64)
-        cont = torch.log(S.Linear().alpha_bar(i / T))
+        cont = torch.log(S.Linear().noise_level(i / T).alpha_bar)
         disc = torch.log(S.Linear().discrete_alpha_bar(T))
         errors[T] = (cont - disc).abs().max().item()
     values = list(errors.values())
@@ -124,7 +126,7 @@ def test_discrete_cosine_table_is_the_continuous_one_until_beta_clips():
     T = 1000
     i = torch.arange(1, T + 1, dtype=T64)
     sched = S.Cosine()
-    cont, disc = sched.alpha_bar(i / T), sched.discrete_alpha_bar(T)
+    cont, disc = sched.noise_level(i / T).alpha_bar, sched.discrete_alpha_bar(T)
     betas = 1 - disc / torch.cat([torch.ones(1, dtype=T64), disc[:-1]])
     clipped = betas >= 0.999 - 1e-12
     assert clipped.any() and clipped[-1]

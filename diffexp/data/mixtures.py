@@ -8,7 +8,9 @@ has the closed form
 
 which makes the mixture an exact test oracle for every quantity a diffusion model estimates.
 ``log_snr`` is a tensor broadcastable against the batch (shape ``[n]``, 0-d or a python float);
-``log_snr = +inf`` gives ``a = 1, s = 0``, i.e. the data density itself.
+``log_snr = +inf`` gives ``a = 1, s = 0``, i.e. the data density itself. a_t^2 and s_t^2 are
+taken as exp(logsigmoid(+-lambda)) (``NoiseLevel``'s logs), which differ from sigmoid(+-lambda)
+in the last bit: every oracle number in the tests and benchmarks was computed so.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from diffexp.diffusion.noise_level import NoiseLevel
 
 __all__ = [
     "GaussianMixture",
@@ -54,11 +57,6 @@ def _log_snr_column(log_snr: Tensor | float, x_t: Tensor) -> Tensor:
             f"got shape {tuple(torch.as_tensor(log_snr).shape)}"
         )
     return lam.reshape(-1, 1)
-
-
-def _alpha_sigma2(lam: Tensor) -> tuple[Tensor, Tensor]:
-    """``(a_t^2, s_t^2) = (sigmoid(lambda), sigmoid(-lambda))``, via logsigmoid (exact at +-inf)."""
-    return F.logsigmoid(lam).exp(), F.logsigmoid(-lam).exp()
 
 
 class GaussianMixture:
@@ -173,7 +171,8 @@ class GaussianMixture:
         """``log N(x_t; a_t mu_k, (a_t^2 v_k + s_t^2) I)`` for every component, shape ``[n, K]``."""
         self._check_x(x_t)
         means, variances, _ = self._params(x_t)
-        a2, s2 = _alpha_sigma2(_log_snr_column(log_snr, x_t))  # [m, 1], m in {1, n}
+        level = NoiseLevel(_log_snr_column(log_snr, x_t))  # [m, 1], m in {1, n}
+        a2, s2 = level.log_alpha_bar.exp(), level.log_s2.exp()  # the oracle's form: keep it
         var = a2 * variances + s2  # [m, K]
         diff = x_t[:, None, :] - a2.sqrt()[..., None] * means  # [n, K, d]
         sq = diff.square().sum(-1)  # [n, K]
@@ -205,7 +204,8 @@ class GaussianMixture:
         """``(a_t [m,1], means [K,d], variances [K], var_k = a^2 v_k + s^2 [m,K])``."""
         self._check_x(x_t)
         means, variances, _ = self._params(x_t)
-        a2, s2 = _alpha_sigma2(_log_snr_column(log_snr, x_t))
+        level = NoiseLevel(_log_snr_column(log_snr, x_t))
+        a2, s2 = level.log_alpha_bar.exp(), level.log_s2.exp()
         return a2.sqrt(), means, variances, a2 * variances + s2
 
     def score(self, x_t: Tensor, log_snr: Tensor | float, y: Tensor | None = None) -> Tensor:

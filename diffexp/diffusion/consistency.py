@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from diffexp.diffusion.denoiser import Denoiser, broadcast_like
@@ -42,11 +41,12 @@ from diffexp.diffusion.elbo import (
     stratified_times,
     sum_except_batch,
 )
+from diffexp.diffusion.noise_level import NoiseLevel
 
 
 def transition(log_snr_s: Tensor, log_snr_t: Tensor) -> tuple[Tensor, Tensor]:
     """q(z_t|z_s) = N(alpha_ts z_s, s_ts^2): (alpha_ts, s_ts^2), alpha_ts^2 = a_t^2 / a_s^2."""
-    log_alpha2 = F.logsigmoid(log_snr_t) - F.logsigmoid(log_snr_s)
+    log_alpha2 = NoiseLevel(log_snr_t).log_alpha_bar - NoiseLevel(log_snr_s).log_alpha_bar
     return torch.exp(0.5 * log_alpha2), -torch.expm1(log_alpha2)
 
 

@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from diffexp.diffusion.noise_level import NoiseLevel
 from diffexp.diffusion.parameterizations import Parameterization
 from diffexp.diffusion.schedules import Schedule
 
@@ -48,7 +49,7 @@ class DenoiserOutput:
     @property
     def score(self) -> Tensor:
         """grad log q(x_t) = -eps_hat / s (Tweedie)."""
-        return -self.eps_hat / torch.sigmoid(-self.log_snr).sqrt()
+        return -self.eps_hat / NoiseLevel(self.log_snr).s
 
 
 @runtime_checkable

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from diffexp.diffusion.denoiser import Denoiser, broadcast_like
+from diffexp.diffusion.noise_level import NoiseLevel
 from diffexp.diffusion.noise_sampling import ScheduleTimes, stratified_times
 
 SCHEDULE_TIMES = ScheduleTimes()
@@ -30,8 +30,8 @@ SCHEDULE_TIMES = ScheduleTimes()
 
 def diffuse(x0: Tensor, log_snr: Tensor, eps: Tensor) -> Tensor:
     """x_t = a x0 + s eps, a^2 = sigmoid(lambda), s^2 = sigmoid(-lambda)."""
-    lam = broadcast_like(log_snr, x0)
-    return torch.sigmoid(lam).sqrt() * x0 + torch.sigmoid(-lam).sqrt() * eps
+    level = NoiseLevel(broadcast_like(log_snr, x0))
+    return level.a * x0 + level.s * eps
 
 
 def randn_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -53,14 +53,12 @@ def posterior(
     x_t: Tensor, x0: Tensor, log_snr_s: Tensor, log_snr_t: Tensor
 ) -> tuple[Tensor, Tensor]:
     """q(x_s|x_t,x0) = N(mu_q, sigma_q^2), mu_q = alpha_ts s_s^2/s_t^2 x_t + a_s s_ts^2/s_t^2 x0."""
-    lam_s, lam_t = broadcast_like(log_snr_s, x_t), broadcast_like(log_snr_t, x_t)
-    log_alpha_ts2 = F.logsigmoid(lam_t) - F.logsigmoid(lam_s)  # a_t^2 / a_s^2
+    level_s = NoiseLevel(broadcast_like(log_snr_s, x_t))
+    level_t = NoiseLevel(broadcast_like(log_snr_t, x_t))
+    log_alpha_ts2 = level_t.log_alpha_bar - level_s.log_alpha_bar  # a_t^2 / a_s^2
     s_ts2 = -torch.expm1(log_alpha_ts2)  # s_{t|s}^2 = 1 - a_t^2 / a_s^2 (variance preserving)
-    s_s2, s_t2 = torch.sigmoid(-lam_s), torch.sigmoid(-lam_t)
-    mean = (
-        torch.exp(0.5 * log_alpha_ts2) * (s_s2 / s_t2) * x_t
-        + torch.sigmoid(lam_s).sqrt() * (s_ts2 / s_t2) * x0
-    )
+    s_s2, s_t2 = level_s.s2, level_t.s2
+    mean = torch.exp(0.5 * log_alpha_ts2) * (s_s2 / s_t2) * x_t + level_s.a * (s_ts2 / s_t2) * x0
     var = s_ts2 * s_s2 / s_t2
     return mean, var
 
@@ -77,17 +75,17 @@ def denoising_kl(x0: Tensor, x0_hat: Tensor, log_snr_s: Tensor, log_snr_t: Tenso
 
 def prior_kl(x0: Tensor, log_snr_1: Tensor) -> Tensor:
     """KL(q(x_1|x0) || N(0, I)) = 1/2 sum_i (a_1^2 x0_i^2 + s_1^2 - 1 - log s_1^2), per example."""
-    lam = broadcast_like(log_snr_1, x0)
-    a2 = torch.sigmoid(lam)
+    level = NoiseLevel(broadcast_like(log_snr_1, x0))
+    a2 = level.alpha_bar
     # s^2 - 1 - log s^2 = -a^2 - logsigmoid(-lambda)
-    per_dim = a2 * x0**2 - a2 - F.logsigmoid(-lam)
+    per_dim = a2 * x0**2 - a2 - level.log_s2
     return 0.5 * sum_except_batch(per_dim.expand_as(x0))
 
 
 def gaussian_reconstruction_nll(x0: Tensor, x0_hat: Tensor, log_snr_0: Tensor) -> Tensor:
     """-log N(x0; x0_hat, 1/SNR(0) I) = 1/2 sum_i (SNR (x0_i - x0_hat_i)^2 + log 2 pi - lambda)."""
     lam = broadcast_like(log_snr_0, x0)
-    per_dim = torch.exp(lam) * (x0 - x0_hat) ** 2 + math.log(2 * math.pi) - lam
+    per_dim = NoiseLevel(lam).snr * (x0 - x0_hat) ** 2 + math.log(2 * math.pi) - lam
     return 0.5 * sum_except_batch(per_dim.expand_as(x0))
 
 

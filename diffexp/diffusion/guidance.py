@@ -21,6 +21,7 @@ from diffexp.diffusion.denoiser import (
     broadcast_like,
     resolve_log_snr,
 )
+from diffexp.diffusion.noise_level import NoiseLevel
 from diffexp.diffusion.parameterizations import Parameterization
 from diffexp.diffusion.schedules import Schedule
 
@@ -72,7 +73,8 @@ class GuidedDenoiser(nn.Module):
         lam = resolve_log_snr(self.schedule, x_t, t, log_snr)
         eps_hat = self.guided_eps(x_t, y, lam)
         lam = broadcast_like(lam, x_t)
-        a, s = torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
+        level = NoiseLevel(lam)
+        a, s = level.a, level.s
         x0_hat = (x_t - s * eps_hat) / a
         out = self.parameterization.output_from(x0_hat, eps_hat, lam)
         return DenoiserOutput(x0_hat=x0_hat, eps_hat=eps_hat, out=out, log_snr=lam)
@@ -122,7 +124,7 @@ class ClassifierGuidance(GuidedDenoiser):
     def guided_eps(self, x_t: Tensor, y: Tensor, log_snr: Tensor) -> Tensor:
         """eps_hat - w s grad log p_phi(y | x_t)."""
         eps_hat = self.base(x_t, log_snr=log_snr).eps_hat
-        s = torch.sigmoid(-broadcast_like(log_snr, x_t)).sqrt()
+        s = NoiseLevel(broadcast_like(log_snr, x_t)).s
         return eps_hat - self.scale * s * self.class_log_prob_grad(x_t, y, log_snr)
 
     def extra_repr(self) -> str:

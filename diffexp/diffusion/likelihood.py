@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from diffexp.diffusion.denoiser import Denoiser
+from diffexp.diffusion.noise_level import NoiseLevel
 from diffexp.diffusion.samplers import NFECounter, pf_ode_drift_log_snr
 
 EXACT_DIVERGENCE_MAX_DIM = 16
@@ -106,7 +107,7 @@ def ode_log_likelihood(
             div = divergence_exact(v, x) if exact else divergence_hutchinson(v, x, probes)
         return v.detach(), div.detach()
 
-    log_a_0 = 0.5 * math.log(torch.sigmoid(torch.tensor(lam_0, dtype=torch.float64)).item())
+    log_a_0 = 0.5 * math.log(NoiseLevel(torch.tensor(lam_0, dtype=torch.float64)).alpha_bar.item())
     state = (math.exp(log_a_0) * x0.detach(), torch.zeros(n, **like))
     lams = torch.tensor([lam_0, lam_1], **like)
     x_1, delta = (s[-1] for s in odeint(dynamics, state, lams, rtol=rtol, atol=atol, method=solver))

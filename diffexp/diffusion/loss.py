@@ -26,7 +26,8 @@ from diffexp.diffusion.elbo import (
     gaussian_reconstruction_nll,
     weighted_denoising_error,
 )
-from diffexp.diffusion.noise_sampling import NoiseLevels, NoiseSampling, ScheduleTimes
+from diffexp.diffusion.noise_level import NoiseLevel
+from diffexp.diffusion.noise_sampling import DrawnLevels, NoiseSampling, ScheduleTimes
 from diffexp.diffusion.parameterizations import Parameterization
 from diffexp.diffusion.schedules import Schedule
 from diffexp.diffusion.weighting import Weighting, WeightingInputs, implied_log_weight
@@ -59,7 +60,7 @@ class WeightedLoss:
         self.weighting = weighting
         self.noise_sampling = noise_sampling if noise_sampling is not None else ScheduleTimes()
 
-    def log_weight_over_density(self, denoiser: Denoiser, levels: NoiseLevels, dim: int) -> Tensor:
+    def log_weight_over_density(self, denoiser: Denoiser, levels: DrawnLevels, dim: int) -> Tensor:
         """log(1/2 (w / p) SNR): the per-example log weight on ||x0 - x0_hat||^2."""
         own = isinstance(self.noise_sampling, ScheduleTimes)  # p is the schedule's density
         inputs = WeightingInputs(
@@ -117,14 +118,14 @@ class WeightedLoss:
     ) -> float:
         """max_lambda f(lambda) / p(lambda) over int f dlambda = E_p[f / p], with f = w g: how far
         the largest term of the loss estimate exceeds its mean on the schedule's range (1 when p
-        is proportional to f; large means heavy-tailed). g(lambda) = sigmoid(lambda) stands for
+        is proportional to f; large means heavy-tailed). g = a^2 = sigmoid(lambda) stands for
         E||eps_hat - eps||^2 / d of a perfect denoiser of unit-variance Gaussian data, which
         vanishes at low log-SNR (there any p is harmless) and tends to 1 at high log-SNR."""
         lam_0, lam_1 = schedule.endpoints
         lam = torch.linspace(lam_0, lam_1, n_points, dtype=torch.float64)
         schedule = copy.deepcopy(schedule).double()
         log_w = implied_log_weight(self.weighting, parameterization, schedule, lam, dim=1)
-        log_w = log_w + torch.nn.functional.logsigmoid(lam)
+        log_w = log_w + NoiseLevel(lam).log_alpha_bar
         with torch.no_grad():
             log_ratio = log_w - self.noise_sampling.log_density(schedule, lam)
         top = log_w.max()

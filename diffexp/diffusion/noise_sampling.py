@@ -37,7 +37,7 @@ def stratified_times(
 
 
 @dataclass
-class NoiseLevels:
+class DrawnLevels:
     """Drawn log-SNRs [n] and the inverse of their density, 1 / p(lambda) [n]."""
 
     log_snr: Tensor
@@ -61,15 +61,15 @@ class NoiseSampling:
         T: int = 0,
         generator: torch.Generator | None = None,
         like: Tensor | None = None,
-    ) -> NoiseLevels:
+    ) -> DrawnLevels:
         """n noise levels from n stratified uniforms, on ``like``'s device and in its dtype."""
         like = like if like is not None else torch.zeros(())
         dtype = self.uniform_dtype or like.dtype
         u = stratified_times(n, 1, generator, device=like.device, dtype=dtype)[:, 0]
         levels = self.from_uniform(schedule, u, T)
-        return NoiseLevels(levels.log_snr.to(like.dtype), levels.inv_density.to(like.dtype))
+        return DrawnLevels(levels.log_snr.to(like.dtype), levels.inv_density.to(like.dtype))
 
-    def from_uniform(self, schedule: Schedule, u: Tensor, T: int = 0) -> NoiseLevels:
+    def from_uniform(self, schedule: Schedule, u: Tensor, T: int = 0) -> DrawnLevels:
         """lambda = F^-1(u) and 1/p(lambda) for uniforms u [n]."""
         raise NotImplementedError
 
@@ -90,16 +90,16 @@ class ScheduleTimes(NoiseSampling):
 
     name = "schedule"
 
-    def from_uniform(self, schedule: Schedule, u: Tensor, T: int = 0) -> NoiseLevels:
+    def from_uniform(self, schedule: Schedule, u: Tensor, T: int = 0) -> DrawnLevels:
         """lambda = schedule(t), 1/p = -lambda'(t); for T > 0, t -> ceil(t T) / T and
         1/p = T expm1(lambda_{i-1} - lambda_i)."""
         if T > 0:
             i = torch.clamp(torch.ceil(u * T), 1, T)
             lam_t = schedule.log_snr(i / T)
             lam_s = schedule.log_snr((i - 1) / T)
-            return NoiseLevels(lam_t, T * torch.expm1(lam_s - lam_t))
+            return DrawnLevels(lam_t, T * torch.expm1(lam_s - lam_t))
         lam, dlam = schedule.log_snr_and_derivative(u)
-        return NoiseLevels(lam, -dlam)
+        return DrawnLevels(lam, -dlam)
 
     def log_density(self, schedule: Schedule, log_snr: Tensor) -> Tensor:
         """log p(lambda) = -log|lambda'(t(lambda))|."""
@@ -174,7 +174,7 @@ class TruncatedNormalLogSNR(NoiseSampling):
                 "with model.T>0, or model.T=0 (continuous time) with any noise_sampling"
             )
 
-    def from_uniform(self, schedule: Schedule, u: Tensor, T: int = 0) -> NoiseLevels:
+    def from_uniform(self, schedule: Schedule, u: Tensor, T: int = 0) -> DrawnLevels:
         """lambda = mean + std Phi^-1(Phi(a) + u Z) (mirrored when flipped), clamped to the
         range, and 1/p = Z / N(lambda; mean, std^2)."""
         self._refuse_steps(T)
@@ -182,7 +182,7 @@ class TruncatedNormalLogSNR(NoiseSampling):
         z = torch.special.ndtri(r.cdf_lo + u.to(torch.float64) * (r.cdf_hi - r.cdf_lo))
         lam = (self.mean + self.std * (-z if r.flipped else z)).clamp(r.lam_min, r.lam_max)
         inv_p = torch.exp(r.log_z - self._log_normal(lam))
-        return NoiseLevels(lam.to(u.dtype), inv_p.to(u.dtype))
+        return DrawnLevels(lam.to(u.dtype), inv_p.to(u.dtype))
 
     def _log_normal(self, log_snr: Tensor) -> Tensor:
         """log N(lambda; mean, std^2)."""

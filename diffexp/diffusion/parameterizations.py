@@ -20,10 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def a_s(log_snr: Tensor) -> tuple[Tensor, Tensor]:
-    """(a, s) = (sqrt(sigmoid(lambda)), sqrt(sigmoid(-lambda)))."""
-    return torch.sigmoid(log_snr).sqrt(), torch.sigmoid(-log_snr).sqrt()
+from diffexp.diffusion.noise_level import NoiseLevel
 
 
 class Parameterization:
@@ -76,8 +73,8 @@ class X0(Parameterization):
 
     def convert(self, out: Tensor, x_t: Tensor, log_snr: Tensor) -> tuple[Tensor, Tensor]:
         """x0_hat = out, eps_hat = (x_t - a out) / s."""
-        a, s = a_s(log_snr)
-        return out, (x_t - a * out) / s
+        level = NoiseLevel(log_snr)
+        return out, (x_t - level.a * out) / level.s
 
     def output_from(self, x0_hat: Tensor, eps_hat: Tensor, log_snr: Tensor) -> Tensor:
         """out = x0_hat."""
@@ -99,8 +96,8 @@ class Eps(Parameterization):
 
     def convert(self, out: Tensor, x_t: Tensor, log_snr: Tensor) -> tuple[Tensor, Tensor]:
         """x0_hat = (x_t - s out) / a, eps_hat = out."""
-        a, s = a_s(log_snr)
-        return (x_t - s * out) / a, out
+        level = NoiseLevel(log_snr)
+        return (x_t - level.s * out) / level.a, out
 
     def output_from(self, x0_hat: Tensor, eps_hat: Tensor, log_snr: Tensor) -> Tensor:
         """out = eps_hat."""
@@ -118,20 +115,22 @@ class Score(Parameterization):
 
     def target(self, x0: Tensor, eps: Tensor, log_snr: Tensor) -> Tensor:
         """grad log q(x_t | x0) = -eps / s."""
-        return -eps / a_s(log_snr)[1]
+        return -eps / NoiseLevel(log_snr).s
 
     def convert(self, out: Tensor, x_t: Tensor, log_snr: Tensor) -> tuple[Tensor, Tensor]:
         """x0_hat = (x_t + s^2 out) / a, eps_hat = -s out."""
-        a, s = a_s(log_snr)
+        level = NoiseLevel(log_snr)
+        a, s = level.a, level.s
         return (x_t + s**2 * out) / a, -s * out
 
     def output_from(self, x0_hat: Tensor, eps_hat: Tensor, log_snr: Tensor) -> Tensor:
         """out = -eps_hat / s."""
-        return -eps_hat / a_s(log_snr)[1]
+        return -eps_hat / NoiseLevel(log_snr).s
 
     def log_x0_error_scale2(self, log_snr: Tensor) -> Tensor:
         """log(s^4 / a^2) = 2 logsigmoid(-lambda) - logsigmoid(lambda)."""
-        return 2.0 * F.logsigmoid(-log_snr) - F.logsigmoid(log_snr)
+        level = NoiseLevel(log_snr)
+        return 2.0 * level.log_s2 - level.log_alpha_bar
 
 
 class V(Parameterization):
@@ -141,22 +140,25 @@ class V(Parameterization):
 
     def target(self, x0: Tensor, eps: Tensor, log_snr: Tensor) -> Tensor:
         """v = a eps - s x0."""
-        a, s = a_s(log_snr)
+        level = NoiseLevel(log_snr)
+        a, s = level.a, level.s
         return a * eps - s * x0
 
     def convert(self, out: Tensor, x_t: Tensor, log_snr: Tensor) -> tuple[Tensor, Tensor]:
         """x0_hat = a x_t - s out, eps_hat = s x_t + a out."""
-        a, s = a_s(log_snr)
+        level = NoiseLevel(log_snr)
+        a, s = level.a, level.s
         return a * x_t - s * out, s * x_t + a * out
 
     def output_from(self, x0_hat: Tensor, eps_hat: Tensor, log_snr: Tensor) -> Tensor:
         """out = a eps_hat - s x0_hat."""
-        a, s = a_s(log_snr)
+        level = NoiseLevel(log_snr)
+        a, s = level.a, level.s
         return a * eps_hat - s * x0_hat
 
     def log_x0_error_scale2(self, log_snr: Tensor) -> Tensor:
         """log s^2 = logsigmoid(-lambda)."""
-        return F.logsigmoid(-log_snr)
+        return NoiseLevel(log_snr).log_s2
 
 
 class EDM(Parameterization):
@@ -178,8 +180,8 @@ class EDM(Parameterization):
 
     def _coefficients(self, log_snr: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(a, s, sqrt(D2)) with D2 = s^2 + a^2 sigma_d^2."""
-        a2, s2 = torch.sigmoid(log_snr), torch.sigmoid(-log_snr)
-        return a2.sqrt(), s2.sqrt(), torch.sqrt(s2 + a2 * self.sigma_data**2)
+        level = NoiseLevel(log_snr)
+        return level.a, level.s, torch.sqrt(level.s2 + level.alpha_bar * self.sigma_data**2)
 
     def target(self, x0: Tensor, eps: Tensor, log_snr: Tensor) -> Tensor:
         """F = (x0 - c_skip x_ve) / c_out = (s x0 - sigma_d^2 a eps) / (sigma_d sqrt(D2))."""
@@ -202,11 +204,11 @@ class EDM(Parameterization):
 
     def log_x0_error_scale2(self, log_snr: Tensor) -> Tensor:
         """log c_out^2 = log(s^2 sigma_d^2 / D2)."""
-        a2, s2 = torch.sigmoid(log_snr), torch.sigmoid(-log_snr)
+        level = NoiseLevel(log_snr)
         return (
-            F.logsigmoid(-log_snr)
+            level.log_s2
             + 2 * math.log(self.sigma_data)
-            - torch.log(s2 + a2 * self.sigma_data**2)
+            - torch.log(level.s2 + level.alpha_bar * self.sigma_data**2)
         )
 
     def input_scale(self, log_snr: Tensor) -> Tensor:
@@ -215,11 +217,6 @@ class EDM(Parameterization):
 
     def __repr__(self) -> str:
         return f"EDM(sigma_data={self.sigma_data})"
-
-
-def rectified_flow_time(log_snr: Tensor) -> Tensor:
-    """t_rf = s / (a + s) = sigmoid(-lambda / 2), the rectified-flow time of log-SNR lambda."""
-    return torch.sigmoid(-0.5 * log_snr)
 
 
 class Flow(Parameterization):
@@ -238,7 +235,7 @@ class Flow(Parameterization):
     def convert(self, out: Tensor, x_t: Tensor, log_snr: Tensor) -> tuple[Tensor, Tensor]:
         """x0_hat = z - t u_hat, eps_hat = z + (1 - t) u_hat, z = x_t / (a + s)."""
         z = self.network_input(x_t, log_snr)
-        t = rectified_flow_time(log_snr)
+        t = NoiseLevel(log_snr).rectified_flow_time
         return z - t * out, z + (1.0 - t) * out
 
     def output_from(self, x0_hat: Tensor, eps_hat: Tensor, log_snr: Tensor) -> Tensor:
@@ -251,8 +248,8 @@ class Flow(Parameterization):
 
     def input_scale(self, log_snr: Tensor) -> Tensor:
         """c_in = 1 / (a + s)."""
-        a, s = a_s(log_snr)
-        return 1.0 / (a + s)
+        level = NoiseLevel(log_snr)
+        return 1.0 / (level.a + level.s)
 
 
 PARAMETERIZATIONS: dict[str, type[Parameterization]] = {

@@ -8,9 +8,9 @@ end is set by ``final_denoise``:
   last step); it spends no extra NFE and denoises where the grid's last step starts;
 - ``False``: return x_{t_0} as it is.
 All of them run in the variance-preserving variable x_t = a_t x0 + s_t eps
-(a_t^2 = sigmoid(lambda), s_t^2 = sigmoid(-lambda)). Each returns the samples and its number of
-network evaluations (NFE): every call of the denoiser it was given counts once, so a guidance
-wrapper that calls its network twice per call still counts one.
+(a_t^2 = sigmoid(lambda), s_t^2 = sigmoid(-lambda); ``NoiseLevel``). Each returns the samples and
+its number of network evaluations (NFE): every call of the denoiser it was given counts once, so a
+guidance wrapper that calls its network twice per call still counts one.
 
 - ``Ancestral``: x_s ~ q(x_s | x_t, x0 = x0_hat).
 - ``DDIM``: x_s = a_s x0_hat + sqrt(s_s^2 - c^2) eps_hat + c z (eta = 1: ancestral; 0: an ODE).
@@ -18,21 +18,28 @@ wrapper that calls its network twice per call still counts one.
 - ``ReverseSDE``: Euler-Maruyama in t on dx = (f x - g^2 score) dt + g dw.
 - ``ProbabilityFlowODE``: dx = (f x - 1/2 g^2 score) dt, fixed-step Heun/Euler (Karras) or
   any torchdiffeq solver.
+- ``DPMSolverPP2M``: Lu et al.'s DPM-Solver++(2M) on the same ODE, multistep in x0_hat.
 - ``AnnealedLangevin``: NCSN's Langevin dynamics at decreasing noise levels.
 - ``PredictorCorrector``: any predictor step, then Langevin corrector steps (Song et al.).
+
+Each sampler is a dataclass of its settings, given by keyword (the names of ``conf/sampler``);
+``settings()`` and ``repr`` list them. ``sample(..., callback=f)`` calls f(StepInfo) after every
+step, for trajectories and progress.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from functools import cached_property
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from diffexp.diffusion.denoiser import Denoiser, DenoiserOutput
 from diffexp.diffusion.elbo import posterior
+from diffexp.diffusion.noise_level import NoiseLevel
 from diffexp.diffusion.schedules import Schedule
 
 TIME_GRIDS = ("uniform", "log_snr", "karras")
@@ -73,6 +80,26 @@ class SampleOutput:
     nfe: int
 
 
+@dataclass(frozen=True, eq=False)
+class StepInfo:
+    """What ``sample``'s callback gets after each step: the step from grid point i (t_i, lambda_i).
+
+    ``x`` is what the step produced: x_{t_{i-1}} for a step of the chain, the returned sample for
+    the final denoise (i = 0 with ``final_denoise=True``, i = 1 with ``"last_step"``).
+    ``x0_hat`` is the denoiser's x0_hat(x_{t_i}) the step used; None where it used none (the
+    Langevin levels, torchdiffeq's solvers).
+    """
+
+    i: int
+    t: Tensor
+    log_snr: Tensor
+    x: Tensor
+    x0_hat: Tensor | None
+
+
+StepCallback = Callable[[StepInfo], None]
+
+
 @dataclass
 class Grid:
     """A sampler's time grid: t_i, lambda(t_i), and d lambda/dt at t_i (i = 0..steps)."""
@@ -87,6 +114,10 @@ class Grid:
         t = time_grid(schedule, steps, kind, **like)
         lam, dlam = schedule.log_snr_and_derivative(t)
         return cls(t=t, log_snr=lam.to(t.dtype), dlog_snr=dlam.to(t.dtype))
+
+    def info(self, i: int, x: Tensor, x0_hat: Tensor | None) -> StepInfo:
+        """The ``StepInfo`` of the step from t_i that produced x."""
+        return StepInfo(i=i, t=self.t[i], log_snr=self.log_snr[i], x=x, x0_hat=x0_hat)
 
 
 class NFECounter:
@@ -112,15 +143,10 @@ class Noise:
         return torch.randn(self.shape, generator=self.generator, **self.like)
 
 
-def a_and_s2(log_snr: Tensor) -> tuple[Tensor, Tensor]:
-    """(a, s^2) = (sqrt(sigmoid(lambda)), sigmoid(-lambda))."""
-    return torch.sigmoid(log_snr).sqrt(), torch.sigmoid(-log_snr)
-
-
 def pf_ode_drift_log_snr(out: DenoiserOutput, x: Tensor) -> Tensor:
     """dx/dlambda = 1/2 (s^2 x - s eps_hat) = (f x - 1/2 g^2 score) / lambda'(t), the PF-ODE."""
-    s2 = torch.sigmoid(-out.log_snr)
-    return 0.5 * (s2 * x - s2.sqrt() * out.eps_hat)
+    level = NoiseLevel(out.log_snr)
+    return 0.5 * (level.s2 * x - level.s * out.eps_hat)
 
 
 def langevin_step(x: Tensor, score: Tensor, eta: Tensor, z: Tensor) -> Tensor:
@@ -129,31 +155,46 @@ def langevin_step(x: Tensor, score: Tensor, eta: Tensor, z: Tensor) -> Tensor:
 
 
 FINAL_DENOISE = (True, False, "last_step")
+# ``field(metadata=...)``: "show" is False (never in ``settings()``) or a predicate of the sampler
+_HIDDEN = {"show": False}
+# coercions of the settings, by their annotation: ``DDIM(eta=0)`` holds (and shows) eta = 0.0
+_COERCE = {"int": int, "float": float, "str": str}
+# the settings every sampler has, listed last by ``settings()``
+SHARED_SETTINGS = ("time_grid", "final_denoise")
+
+sampler_dataclass = dataclass(kw_only=True, repr=False, eq=False)
 
 
-def _check_final(final_denoise: bool | str) -> bool | str:
-    if isinstance(final_denoise, bool) or final_denoise == "last_step":
-        return final_denoise
-    raise ValueError(f"final_denoise must be one of {list(FINAL_DENOISE)}, got {final_denoise!r}")
-
-
-def _check_grid(kind: str) -> str:
-    if kind not in TIME_GRIDS:
-        raise ValueError(f"unknown time grid {kind!r}; valid: {list(TIME_GRIDS)}")
-    return kind
-
-
+@sampler_dataclass
 class Sampler:
     """Base class: walks the grid from t_steps = 1 down with ``step``, then denoises.
 
-    A subclass implements ``step(model, x, grid, i, noise)``, x_{t_i} -> x_{t_{i-1}}, calling the
-    denoiser only through ``model`` (an ``NFECounter``) and drawing noise only from ``noise``;
-    ``run`` chains the steps from t_steps down to t_end (end = 1 for ``"last_step"``, else 0).
+    A subclass is a ``@sampler_dataclass`` that declares ``steps`` (with its default) and its own
+    settings, checks them in ``check`` and implements ``step(model, x, grid, i, noise)``,
+    x_{t_i} -> x_{t_{i-1}}, calling the denoiser only through ``model`` (an ``NFECounter``) and
+    drawing noise only from ``noise``; ``run`` chains the steps from t_steps down to t_end
+    (end = 1 for ``"last_step"``, else 0). The shared settings are checked here.
     """
 
-    steps: int = 1000
-    grid: str = "uniform"
+    time_grid: str = "uniform"
     final_denoise: bool | str = True
+
+    def __post_init__(self) -> None:
+        """Coerce the settings to their annotated types, check the shared ones, then ``check``."""
+        for f in fields(self):
+            if f.type in _COERCE:
+                setattr(self, f.name, _COERCE[f.type](getattr(self, f.name)))
+        if self.time_grid not in TIME_GRIDS:
+            raise ValueError(f"unknown time grid {self.time_grid!r}; valid: {list(TIME_GRIDS)}")
+        if not (isinstance(self.final_denoise, bool) or self.final_denoise == "last_step"):
+            raise ValueError(
+                f"final_denoise must be one of {list(FINAL_DENOISE)}, got {self.final_denoise!r}"
+            )
+        self.check()
+
+    def check(self) -> None:
+        """Refuse invalid settings of the subclass's own (ValueError); the shared ones are
+        checked already."""
 
     @torch.no_grad()
     def sample(
@@ -164,36 +205,65 @@ class Sampler:
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        *,
+        callback: StepCallback | None = None,
     ) -> SampleOutput:
-        """Draw x_1 ~ N(0, I), run the chain to t_end, return x0_hat(x_{t_end}) and the NFE."""
+        """Draw x_1 ~ N(0, I), run the chain to t_end, return x0_hat(x_{t_end}) and the NFE.
+
+        ``callback`` (default None: none) is called with a ``StepInfo`` after every step, the
+        final denoise included, steps - end + (1 if final_denoise else 0) times: its last ``x``
+        is the returned sample.
+        """
         like = {"device": device, "dtype": dtype}
         model, noise = NFECounter(denoiser, y), Noise(shape, generator, **like)
-        grid = Grid.build(denoiser.schedule, int(self.steps), self.grid, **like)
+        grid = Grid.build(denoiser.schedule, int(self.steps), self.time_grid, **like)
         end = 1 if self.final_denoise == "last_step" else 0
-        x = self.run(model, noise(), grid, noise, end)
+        x = self.run(model, noise(), grid, noise, end, callback)
         if self.final_denoise:
             x = model(x, grid.log_snr[end]).x0_hat
+            if callback is not None:
+                callback(grid.info(end, x, x))
         return SampleOutput(x=x, nfe=model.nfe)
 
-    def run(self, model: NFECounter, x: Tensor, grid: Grid, noise: Noise, end: int = 0) -> Tensor:
+    def run(
+        self,
+        model: NFECounter,
+        x: Tensor,
+        grid: Grid,
+        noise: Noise,
+        end: int = 0,
+        callback: StepCallback | None = None,
+    ) -> Tensor:
         """x_{t_end} from x_{t_steps}: ``step`` for i = steps..end+1."""
         for i in range(len(grid.t) - 1, end, -1):
-            x = self.step(model, x, grid, i, noise)
+            x, x0_hat = self.step(model, x, grid, i, noise)
+            if callback is not None:
+                callback(grid.info(i, x, x0_hat))
         return x
 
-    def step(self, model: NFECounter, x: Tensor, grid: Grid, i: int, noise: Noise) -> Tensor:
-        """x_{t_{i-1}} from x_{t_i}."""
+    def step(
+        self, model: NFECounter, x: Tensor, grid: Grid, i: int, noise: Noise
+    ) -> tuple[Tensor, Tensor | None]:
+        """x_{t_{i-1}} from x_{t_i}, and the x0_hat(x_{t_i}) it used (None if none)."""
         raise NotImplementedError
 
     def settings(self) -> dict:
-        """The settings ``__repr__`` lists."""
-        return {"steps": self.steps, "time_grid": self.grid, "final_denoise": self.final_denoise}
+        """The settings ``__repr__`` lists: the subclass's own, in order, then the shared ones."""
+        shown = [f for f in fields(self) if f.name not in SHARED_SETTINGS]
+        shown += [f for f in fields(self) if f.name in SHARED_SETTINGS]
+        out = {}
+        for f in shown:
+            show = f.metadata.get("show", True)
+            if show is True or (show is not False and show(self)):
+                out[f.name] = getattr(self, f.name)
+        return out
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
         return f"{type(self).__name__}({args})"
 
 
+@sampler_dataclass
 class Ancestral(Sampler):
     """DDPM's ancestral sampler: x_s ~ q(x_s | x_t, x0 = x0_hat(x_t)) down a time grid.
 
@@ -202,19 +272,16 @@ class Ancestral(Sampler):
     NFE = steps + 1 (True), steps ("last_step"), steps (False).
     """
 
-    def __init__(
-        self, steps: int = 1000, time_grid: str = "uniform", final_denoise: bool | str = True
-    ):
-        self.steps, self.grid = int(steps), _check_grid(time_grid)
-        self.final_denoise = _check_final(final_denoise)
+    steps: int = 1000
 
     def step(self, model, x, grid, i, noise):
         """x_s = mu_q(x_t, x0_hat) + sigma_q z (MATH.md section 2)."""
         x0_hat = model(x, grid.log_snr[i]).x0_hat
         mean, var = posterior(x, x0_hat, grid.log_snr[i - 1], grid.log_snr[i])
-        return mean + var.sqrt() * noise()
+        return mean + var.sqrt() * noise(), x0_hat
 
 
+@sampler_dataclass
 class DDIM(Sampler):
     """DDIM: x_s = a_s x0_hat + sqrt(s_s^2 - c^2) eps_hat + c z, c^2 = eta^2 sigma_q^2.
 
@@ -223,34 +290,28 @@ class DDIM(Sampler):
     sigma = s/a). NFE = steps + 1 (True), steps ("last_step"), steps (False).
     """
 
-    def __init__(
-        self,
-        steps: int = 100,
-        eta: float = 0.0,
-        time_grid: str = "uniform",
-        final_denoise: bool | str = True,
-    ):
-        if not 0.0 <= eta <= 1.0:
-            raise ValueError(f"DDIM's eta must lie in [0, 1], got {eta}")
-        self.steps, self.eta, self.grid = int(steps), float(eta), _check_grid(time_grid)
-        self.final_denoise = _check_final(final_denoise)
+    steps: int = 100
+    eta: float = 0.0
+
+    def check(self):
+        """eta in [0, 1]."""
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"DDIM's eta must lie in [0, 1], got {self.eta}")
 
     def step(self, model, x, grid, i, noise):
         """x_s = a_s x0_hat + sqrt(s_s^2 - c^2) eps_hat + c z."""
         out = model(x, grid.log_snr[i])
         lam_s, lam_t = grid.log_snr[i - 1], grid.log_snr[i]
-        a_s, s_s2 = a_and_s2(lam_s)
+        level_s = NoiseLevel(lam_s)
         if self.eta == 0.0:
-            return a_s * out.x0_hat + s_s2.sqrt() * out.eps_hat
+            return level_s.a * out.x0_hat + level_s.s * out.eps_hat, out.x0_hat
         _, c2 = posterior(x, out.x0_hat, lam_s, lam_t)  # sigma_q^2 = s_s^2/s_t^2 (1 - a_t^2/a_s^2)
         c2 = self.eta**2 * c2
-        eps_coef = (s_s2 - c2).clamp_min(0.0).sqrt()
-        return a_s * out.x0_hat + eps_coef * out.eps_hat + c2.sqrt() * noise()
-
-    def settings(self):
-        return {"steps": self.steps, "eta": self.eta, **_tail(super().settings())}
+        eps_coef = (level_s.s2 - c2).clamp_min(0.0).sqrt()
+        return level_s.a * out.x0_hat + eps_coef * out.eps_hat + c2.sqrt() * noise(), out.x0_hat
 
 
+@sampler_dataclass
 class FlowEuler(Sampler):
     """Euler on the rectified-flow ODE dz/dt_rf = u, z = x_t / (a + s), t_rf = s / (a + s):
     z' = z + (t_rf' - t_rf) u_hat, u_hat = eps_hat - x0_hat (any Denoiser, not only flow ones).
@@ -259,22 +320,19 @@ class FlowEuler(Sampler):
     section 9). NFE = steps + 1 (True), steps ("last_step"), steps (False).
     """
 
-    def __init__(
-        self, steps: int = 100, time_grid: str = "uniform", final_denoise: bool | str = True
-    ):
-        self.steps, self.grid = int(steps), _check_grid(time_grid)
-        self.final_denoise = _check_final(final_denoise)
+    steps: int = 100
 
     def step(self, model, x, grid, i, noise):
         """z_s = z_t + (t_s - t_t) u_hat in the rectified-flow variable, back to x_s."""
         out = model(x, grid.log_snr[i])
-        (a_t, s_t), (a_s, s_s) = (a_and_s2(grid.log_snr[j]) for j in (i, i - 1))
-        s_t, s_s = s_t.sqrt(), s_s.sqrt()
+        level_t, level_s = NoiseLevel(grid.log_snr[i]), NoiseLevel(grid.log_snr[i - 1])
+        a_t, s_t, a_s, s_s = level_t.a, level_t.s, level_s.a, level_s.s
         t_rf, s_rf = s_t / (a_t + s_t), s_s / (a_s + s_s)
         z = x / (a_t + s_t) + (s_rf - t_rf) * (out.eps_hat - out.x0_hat)
-        return (a_s + s_s) * z
+        return (a_s + s_s) * z, out.x0_hat
 
 
+@sampler_dataclass
 class ReverseSDE(Sampler):
     """Euler-Maruyama on the reverse SDE dx = (f x - g^2 score) dt + g dw, t from 1 to 0.
 
@@ -284,113 +342,133 @@ class ReverseSDE(Sampler):
     NFE = steps + 1 (True), steps ("last_step"), steps (False).
     """
 
-    def __init__(
-        self, steps: int = 1000, time_grid: str = "log_snr", final_denoise: bool | str = True
-    ):
-        self.steps, self.grid = int(steps), _check_grid(time_grid)
-        self.final_denoise = _check_final(final_denoise)
+    steps: int = 1000
+    time_grid: str = "log_snr"
 
     def step(self, model, x, grid, i, noise):
         """x_s = x_t - h (f x_t - g^2 score) + g sqrt(h) z, h = t - s > 0."""
         lam, dlam = grid.log_snr[i], grid.dlog_snr[i]
         h = grid.t[i] - grid.t[i - 1]
-        s2 = torch.sigmoid(-lam)
+        s2 = NoiseLevel(lam).s2
         f, g2 = 0.5 * s2 * dlam, -s2 * dlam
-        score = model(x, lam).score
-        return x - h * (f * x - g2 * score) + (g2 * h).sqrt() * noise()
+        out = model(x, lam)
+        return x - h * (f * x - g2 * out.score) + (g2 * h).sqrt() * noise(), out.x0_hat
 
 
-FIXED_STEP_SOLVERS = ("heun", "euler", "dpmpp_2m")
+FIXED_STEP_SOLVERS = ("heun", "euler")
 TORCHDIFFEQ_FIXED_GRID = ("midpoint", "rk4", "heun2", "heun3", "explicit_adams", "implicit_adams")
+_SHOWN_IF_ADAPTIVE = {"show": lambda sampler: sampler.adaptive}
 
 
+@sampler_dataclass
 class ProbabilityFlowODE(Sampler):
     """The probability-flow ODE dx = (f x - 1/2 g^2 score) dt from t = 1 to t = 0.
 
-    Fixed steps on the grid (``"heun"``, ``"euler"``, ``"dpmpp_2m"``) integrate Karras et al.'s
-    form of the same ODE: with x~ = x / a and sigma = s / a = exp(-lambda/2) it reads
-    dx~/dsigma = eps_hat, whose Euler step is DDIM (eta = 0), exact where eps_hat is constant.
+    Fixed steps on the grid (``"heun"``, ``"euler"``) integrate Karras et al.'s form of the same
+    ODE: with x~ = x / a and sigma = s / a = exp(-lambda/2) it reads dx~/dsigma = eps_hat, whose
+    Euler step is DDIM (eta = 0), exact where eps_hat is constant.
     - heun: 2 NFE per step (Karras's Algorithm 1); with ``final_denoise="last_step"`` the last
       interval is Karras's Euler step to sigma = 0, so NFE = 2 steps - 1, as in Karras.
     - euler: 1 NFE per step (= DDIM, eta = 0).
-    - dpmpp_2m: Lu et al.'s DPM-Solver++(2M), the exponential integrator in x0_hat with a
-      second-order multistep correction from the previous step's x0_hat; 1 NFE per step.
-    With ``final_denoise=True`` one more NFE denoises at t_0.
+    With ``final_denoise=True`` one more NFE denoises at t_0. (DPM-Solver++(2M) is
+    ``DPMSolverPP2M``.)
 
     Any torchdiffeq method integrates the VP variable over lambda instead,
     dx/dlambda = 1/2 (s^2 x - s eps_hat) (= dx/dt / lambda'(t)): O(1) in scale and non-stiff at
     both ends, and the schedule enters only through its endpoints. Adaptive methods (dopri5,
     bosh3, adaptive_heun, ...) go from lambda(1) to lambda(t_end) with ``rtol``/``atol`` and use
-    no other grid point; fixed-grid ones (rk4, midpoint, ...) step on the grid. The NFE is
-    counted in the drift function.
+    no other grid point (a callback gets x at the grid points from the solver's interpolant);
+    fixed-grid ones (rk4, midpoint, ...) step on the grid. The NFE is counted in the drift
+    function.
     """
 
-    def __init__(
-        self,
-        steps: int = 50,
-        solver: str = "heun",
-        rtol: float = 1e-4,
-        atol: float = 1e-4,
-        time_grid: str = "karras",
-        final_denoise: bool | str = True,
-    ):
-        self.steps, self.solver, self.grid = int(steps), str(solver), _check_grid(time_grid)
-        self.rtol, self.atol = float(rtol), float(atol)
-        self.final_denoise = _check_final(final_denoise)
+    steps: int = 50
+    solver: str = "heun"
+    rtol: float = field(default=1e-4, metadata=_SHOWN_IF_ADAPTIVE)
+    atol: float = field(default=1e-4, metadata=_SHOWN_IF_ADAPTIVE)
+    time_grid: str = "karras"
+
+    def check(self):
+        """DPM-Solver++(2M) is its own sampler now."""
+        if self.solver == "dpmpp_2m":
+            raise ValueError(
+                "ProbabilityFlowODE has no solver 'dpmpp_2m': DPM-Solver++(2M) is the sampler "
+                "DPMSolverPP2M (sampler=dpmpp_2m)"
+            )
 
     @property
     def adaptive(self) -> bool:
         """Whether the solver chooses its own steps (torchdiffeq's adaptive methods)."""
         return self.solver not in (*FIXED_STEP_SOLVERS, *TORCHDIFFEQ_FIXED_GRID)
 
-    def run(self, model, x, grid, noise, end=0):
+    def run(self, model, x, grid, noise, end=0, callback=None):
         """Fixed steps in (x~, sigma) down the grid, or torchdiffeq over lambda."""
-        if self.solver == "dpmpp_2m":
-            return self._dpmpp_2m(model, x, grid, end)
         if self.solver in FIXED_STEP_SOLVERS:
-            return super().run(model, x, grid, noise, end)
+            return super().run(model, x, grid, noise, end, callback)
         from torchdiffeq import odeint
 
         def drift(lam: Tensor, x: Tensor) -> Tensor:
             return pf_ode_drift_log_snr(model(x, lam), x)
 
-        lam = grid.log_snr[end:].flip(0)
+        lam = grid.log_snr[end:].flip(0)  # lam[k] = lambda(t_{steps-k})
         if self.adaptive:
-            return odeint(
-                drift, x, lam[[0, -1]], rtol=self.rtol, atol=self.atol, method=self.solver
-            )[-1]
-        return odeint(drift, x, lam, method=self.solver)[-1]
+            # the steps depend on the end points only: asking for the grid's points too (for
+            # the callback) reads them off the interpolant and leaves x(lambda(t_end)) as it is
+            times = lam if callback is not None else lam[[0, -1]]
+            xs = odeint(drift, x, times, rtol=self.rtol, atol=self.atol, method=self.solver)
+        else:
+            xs = odeint(drift, x, lam, method=self.solver)
+        if callback is not None:
+            steps = len(grid.t) - 1
+            for i in range(steps, end, -1):
+                callback(grid.info(i, xs[steps - i + 1], None))
+        return xs[-1]
 
     def step(self, model, x, grid, i, noise):
         """x_s = a_s (x_t / a_t + (sigma_s - sigma_t) d), d = eps_hat or Heun's average."""
         lam_t, lam_s = grid.log_snr[i], grid.log_snr[i - 1]
-        a_ratio = torch.exp(0.5 * (F.logsigmoid(lam_s) - F.logsigmoid(lam_t)))  # a_s / a_t
-        a_sigma = torch.sigmoid(lam_s).sqrt() * (torch.exp(-0.5 * lam_s) - torch.exp(-0.5 * lam_t))
-        d = model(x, lam_t).eps_hat
+        level_t, level_s = NoiseLevel(lam_t), NoiseLevel(lam_s)
+        a_ratio = torch.exp(0.5 * (level_s.log_alpha_bar - level_t.log_alpha_bar))  # a_s / a_t
+        a_sigma = level_s.a * (level_s.sigma - level_t.sigma)
+        out = model(x, lam_t)
+        d = out.eps_hat
         x_s = a_ratio * x + a_sigma * d
         if self.solver == "euler":
-            return x_s
-        return a_ratio * x + a_sigma * 0.5 * (d + model(x_s, lam_s).eps_hat)
+            return x_s, out.x0_hat
+        return a_ratio * x + a_sigma * 0.5 * (d + model(x_s, lam_s).eps_hat), out.x0_hat
 
-    def _dpmpp_2m(self, model, x, grid, end):
-        """x_s = (s_s/s_t) x_t - a_s expm1(-h) D, D = x0_hat + (x0_hat - x0_prev) h / (2 h_prev)."""
+
+@sampler_dataclass
+class DPMSolverPP2M(Sampler):
+    """Lu et al.'s DPM-Solver++(2M): the exponential integrator of the probability-flow ODE in
+    x0_hat, with a second-order multistep correction from the previous step's x0_hat.
+
+    With h = (lambda_s - lambda_t) / 2 (the step in log(a/s)):
+    x_s = (s_s / s_t) x_t - a_s expm1(-h) D, D = x0_hat + (x0_hat - x0_prev) h / (2 h_prev)
+    (D = x0_hat on the first step, which is DDIM's). 1 NFE per step:
+    NFE = steps + 1 (True), steps ("last_step"), steps (False).
+    """
+
+    steps: int = 50
+    time_grid: str = "log_snr"
+
+    def run(self, model, x, grid, noise, end=0, callback=None):
+        """The multistep chain, each step reusing the previous one's x0_hat and h."""
         lam, prev = grid.log_snr, None
         for i in range(len(lam) - 1, end, -1):
             lam_t, lam_s = lam[i], lam[i - 1]
             x0_hat, h = model(x, lam_t).x0_hat, 0.5 * (lam_s - lam_t)
             d = x0_hat if prev is None else x0_hat + (x0_hat - prev[0]) * (h / (2 * prev[1]))
-            s_ratio = torch.exp(0.5 * (F.logsigmoid(-lam_s) - F.logsigmoid(-lam_t)))
-            x = s_ratio * x - torch.sigmoid(lam_s).sqrt() * torch.expm1(-h) * d
+            level_t, level_s = NoiseLevel(lam_t), NoiseLevel(lam_s)
+            s_ratio = torch.exp(0.5 * (level_s.log_s2 - level_t.log_s2))
+            x = s_ratio * x - level_s.a * torch.expm1(-h) * d
             prev = (x0_hat, h)
+            if callback is not None:
+                callback(grid.info(i, x, x0_hat))
         return x
 
-    def settings(self):
-        s = {"steps": self.steps, "solver": self.solver}
-        if self.adaptive:
-            s.update(rtol=self.rtol, atol=self.atol)
-        return {**s, **_tail(super().settings())}
 
-
+@sampler_dataclass
 class AnnealedLangevin(Sampler):
     """NCSN's annealed Langevin dynamics, x <- x + eta score + sqrt(2 eta) z, at each level.
 
@@ -400,47 +478,40 @@ class AnnealedLangevin(Sampler):
     The levels are the grid's t_{steps-1}, ..., t_end, high noise to low (x_1 ~ N(0, I) already
     has the t_steps marginal), ``steps_per_level`` updates each.
     NFE = steps_per_level (steps - end) + (1 if final_denoise else 0).
+
+    ``levels`` and ``steps`` are one number, the grid's steps: ``steps`` (when given) overrides
+    ``levels``, and setting either later sets both.
     """
 
-    def __init__(
-        self,
-        steps_per_level: int = 10,
-        levels: int = 100,
-        step_scale: float = 0.1,
-        time_grid: str = "log_snr",
-        final_denoise: bool | str = True,
-        steps: int | None = None,
-    ):
-        self.steps = int(levels if steps is None else steps)  # ``steps`` overrides ``levels``
-        self.steps_per_level, self.step_scale = int(steps_per_level), float(step_scale)
-        self.grid, self.final_denoise = _check_grid(time_grid), _check_final(final_denoise)
+    steps_per_level: int = 10
+    levels: int = 100
+    step_scale: float = 0.1
+    time_grid: str = "log_snr"
+    steps: int | None = field(default=None, metadata=_HIDDEN)  # None: ``levels``
 
-    @property
-    def levels(self) -> int:
-        """The number of grid steps (= ``steps``); one noise level below each."""
-        return self.steps
+    def __setattr__(self, name: str, value) -> None:
+        """``steps`` and ``levels`` are set together; ``steps=None`` changes neither."""
+        if name in ("steps", "levels"):
+            if value is None:
+                return
+            object.__setattr__(self, "steps", value)
+            name = "levels"
+        object.__setattr__(self, name, value)
 
     def step(self, model, x, grid, i, noise):
         """``steps_per_level`` Langevin updates at lambda(t_{i-1}), eta = step_scale s^2."""
         lam = grid.log_snr[i - 1]
-        eta = self.step_scale * torch.sigmoid(-lam)
+        eta = self.step_scale * NoiseLevel(lam).s2
         for _ in range(self.steps_per_level):
             x = langevin_step(x, model(x, lam).score, eta, noise())
-        return x
-
-    def settings(self):
-        return {
-            "steps_per_level": self.steps_per_level,
-            "levels": self.steps,
-            "step_scale": self.step_scale,
-            **_tail(super().settings()),
-        }
+        return x, None
 
 
 PREDICTORS = {"ancestral": Ancestral, "ddim": DDIM, "sde": ReverseSDE}
 STEP_SIZES = ("batch", "per_example")
 
 
+@sampler_dataclass
 class PredictorCorrector(Sampler):
     """Song et al.'s predictor-corrector: a predictor step t_i -> t_{i-1}, then Langevin steps.
 
@@ -453,33 +524,32 @@ class PredictorCorrector(Sampler):
     The predictor's DDIM is eta = 0. NFE = (steps - end) (1 + corrector_steps) + final denoise.
     """
 
-    def __init__(
-        self,
-        predictor: str = "ancestral",
-        steps: int = 500,
-        corrector_steps: int = 1,
-        snr: float = 0.1,
-        time_grid: str = "uniform",
-        final_denoise: bool | str = True,
-        step_size: str = "batch",
-    ):
-        if predictor not in PREDICTORS:
-            raise ValueError(f"unknown predictor {predictor!r}; valid: {list(PREDICTORS)}")
-        if step_size not in STEP_SIZES:
-            raise ValueError(f"unknown step_size {step_size!r}; valid: {list(STEP_SIZES)}")
-        self.predictor, self.predictor_name = PREDICTORS[predictor](steps=1), predictor
-        self.steps, self.corrector_steps, self.snr = int(steps), int(corrector_steps), float(snr)
-        self.grid, self.final_denoise = _check_grid(time_grid), _check_final(final_denoise)
-        self.step_size = step_size
+    predictor: str = "ancestral"
+    steps: int = 500
+    corrector_steps: int = 1
+    snr: float = 0.1
+    step_size: str = "batch"
+
+    def check(self):
+        """A known predictor and step size."""
+        if self.predictor not in PREDICTORS:
+            raise ValueError(f"unknown predictor {self.predictor!r}; valid: {list(PREDICTORS)}")
+        if self.step_size not in STEP_SIZES:
+            raise ValueError(f"unknown step_size {self.step_size!r}; valid: {list(STEP_SIZES)}")
+
+    @cached_property
+    def predictor_sampler(self) -> Sampler:
+        """The sampler whose ``step`` predicts (its own steps unused)."""
+        return PREDICTORS[self.predictor](steps=1)
 
     def step(self, model, x, grid, i, noise):
         """The predictor's step to t_{i-1}, then ``corrector_steps`` Langevin updates there."""
-        x = self.predictor.step(model, x, grid, i, noise)
+        x, x0_hat = self.predictor_sampler.step(model, x, grid, i, noise)
         lam = grid.log_snr[i - 1]
         for _ in range(self.corrector_steps):
             score, z = model(x, lam).score, noise()
             x = langevin_step(x, score, self.corrector_step_size(score, z), z)
-        return x
+        return x, x0_hat
 
     def corrector_step_size(self, score: Tensor, z: Tensor) -> Tensor:
         """eps = 2 (snr ||z|| / ||score||)^2, per example ([n, 1, ...]) or one for the batch."""
@@ -489,13 +559,3 @@ class PredictorCorrector(Sampler):
             z_norm, score_norm = z_norm.mean().expand_as(z_norm), score_norm.mean()
         eps = 2.0 * (self.snr * z_norm / score_norm.clamp_min(torch.finfo(z.dtype).tiny)) ** 2
         return eps.reshape(-1, *([1] * (z.dim() - 1)))
-
-    def settings(self):
-        s = {"predictor": self.predictor_name, "steps": self.steps}
-        s.update(corrector_steps=self.corrector_steps, snr=self.snr, step_size=self.step_size)
-        return {**s, **_tail(super().settings())}
-
-
-def _tail(settings: dict) -> dict:
-    """The base settings without ``steps`` (placed first by each subclass)."""
-    return {k: v for k, v in settings.items() if k != "steps"}

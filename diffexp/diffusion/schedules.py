@@ -1,8 +1,8 @@
 """Noise schedules as functions of log-SNR (MATH.md section 1).
 
 A schedule is fully described by ``log_snr(t)`` = lambda(t) = log(a_t^2 / s_t^2), strictly
-decreasing on t in [0, 1]. Every derived quantity (``alpha_bar``, ``a``, ``s``, ``snr``,
-``gamma``) follows from it through ``sigmoid`` and is computed in log space.
+decreasing on t in [0, 1]. Every derived quantity (a_t, s_t, alpha_bar, SNR: ``noise_level(t)``,
+a ``NoiseLevel``; VDM's ``gamma``) follows from it.
 
 Each fixed schedule has a natural shape (DDPM's linear betas, the cosine of Nichol & Dhariwal,
 VDM's log-linear SNR). Given ``log_snr_max`` (the value at t=0) and ``log_snr_min`` (the value at
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffexp.diffusion.noise_level import NoiseLevel
 from diffexp.diffusion.tensors import device_of
 
 
@@ -44,21 +45,9 @@ class Schedule(nn.Module):
         """gamma(t) = -lambda(t) (VDM's notation)."""
         return -self.log_snr(t)
 
-    def snr(self, t: Tensor) -> Tensor:
-        """SNR(t) = exp(lambda(t))."""
-        return torch.exp(self.log_snr(t))
-
-    def alpha_bar(self, t: Tensor) -> Tensor:
-        """alpha_bar(t) = a_t^2 = sigmoid(lambda(t))."""
-        return torch.sigmoid(self.log_snr(t))
-
-    def a(self, t: Tensor) -> Tensor:
-        """a_t = sqrt(sigmoid(lambda(t)))."""
-        return torch.sigmoid(self.log_snr(t)).sqrt()
-
-    def s(self, t: Tensor) -> Tensor:
-        """s_t = sqrt(sigmoid(-lambda(t)))."""
-        return torch.sigmoid(-self.log_snr(t)).sqrt()
+    def noise_level(self, t: Tensor) -> NoiseLevel:
+        """a_t, s_t, alpha_bar(t), SNR(t), ... of lambda(t) (``NoiseLevel``)."""
+        return NoiseLevel(self.log_snr(t))
 
     def log_snr_and_derivative(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """(lambda(t), d lambda / dt), the derivative by autograd (differentiable itself)."""
@@ -226,7 +215,7 @@ class Cosine(_TruncatedSchedule):
 
     def _raw_t_of_log_snr(self, log_snr: Tensor) -> Tensor:
         th0 = self._theta(torch.zeros_like(log_snr))
-        th = torch.arccos(torch.sqrt(torch.sigmoid(log_snr)) * torch.cos(th0))
+        th = torch.arccos(NoiseLevel(log_snr).a * torch.cos(th0))
         return th / (math.pi / 2) * (1.0 + self.offset) - self.offset
 
     def discrete_alpha_bar(self, T: int, max_beta: float = 0.999) -> Tensor:
@@ -269,7 +258,7 @@ class RectifiedFlow(_TruncatedSchedule):
         return 2.0 * (torch.log1p(-u) - torch.log(u))
 
     def _raw_t_of_log_snr(self, log_snr: Tensor) -> Tensor:
-        return torch.sigmoid(-0.5 * log_snr)
+        return NoiseLevel(log_snr).rectified_flow_time
 
     def log_snr_and_derivative(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """(lambda(t), -2 (u1 - u0) / (u (1 - u))), u = u0 + (u1 - u0) t, in closed form."""

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from diffexp.data.mixtures import GaussianMixture
 from diffexp.diffusion.denoiser import broadcast_like
+from diffexp.diffusion.noise_level import NoiseLevel
 from diffexp.diffusion.parameterizations import Parameterization
 
 
@@ -55,7 +56,7 @@ class Oracle(nn.Module):
             component = y.clamp(max=self.num_classes - 1)
             x0_hat = torch.where(real, mixture.posterior_mean(x_t, lam[:, 0], y=component), x0_hat)
             score = torch.where(real, mixture.score(x_t, lam[:, 0], y=component), score)
-        eps_hat = -torch.sigmoid(-lam).sqrt() * score
+        eps_hat = -NoiseLevel(lam).s * score
         return self.parameterization.output_from(x0_hat, eps_hat, lam)
 
 
