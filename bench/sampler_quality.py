@@ -30,7 +30,7 @@ import torch
 
 from diffexp.data.mixtures import make_mixture
 from diffexp.diffusion.denoiser import Denoiser
-from diffexp.diffusion.parameterizations import get_parameterization
+from diffexp.diffusion.parameterizations import Eps
 from diffexp.diffusion.samplers import (
     DDIM,
     Ancestral,
@@ -89,7 +89,7 @@ ADAPTIVE = [("dopri5", tol) for tol in (1e-2, 1e-3, 1e-4, 1e-5)] + [("bosh3", 1e
 def oracle(dtype: torch.dtype = torch.float32) -> Denoiser:
     """The ring's exact denoiser: Oracle + eps parameterization + LogLinear(10, -8)."""
     mixture = make_mixture("ring8").to(dtype=torch.float64)
-    param = get_parameterization("eps")
+    param = Eps()
     schedule = LogLinear(log_snr_max=10.0, log_snr_min=-8.0)
     return Denoiser(Oracle(mixture, param), param, schedule).to(dtype)
 

@@ -3,16 +3,17 @@ Denoiser (float64), callbacks that crash or signal at a step."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from diffexp.data.mixtures import make_mixture
 from diffexp.diffusion import schedules as S
 from diffexp.diffusion.denoiser import Denoiser
-from diffexp.diffusion.parameterizations import get_parameterization
 from diffexp.networks import Oracle
 
 F64 = torch.float64
@@ -32,10 +33,30 @@ def compose_config(
         return compose(name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
+def conf_options(group: str) -> list[str]:
+    """The options of conf/<group>: the registry tests parametrize over, so a new YAML file is a
+    new test case the day it is added."""
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@functools.cache
+def _option_node(group: str, name: str) -> dict[str, Any]:
+    cfg = compose_config("train", [f"{group}={name}"])
+    return OmegaConf.to_container(cfg[group], resolve=True)
+
+
+def conf_option(group: str, name: str, **kwargs: Any) -> Any:
+    """conf/<group>/<name>.yaml instantiated as ``python -m diffexp.train`` composes it (default
+    data: ring8), ``kwargs`` overriding its arguments."""
+    from hydra.utils import instantiate
+
+    return instantiate(_option_node(group, name), **kwargs)
+
+
 def oracle_denoiser(preset: str = "ring8", param: str = "eps", schedule=None) -> Denoiser:
     """The exact denoiser of a mixture preset (float64 schedule)."""
     mixture = make_mixture(preset).to(dtype=F64)
-    p = get_parameterization(param)
+    p = conf_option("parameterization", param)
     schedule = schedule if schedule is not None else S.LogLinear(**ENDS)
     return Denoiser(Oracle(mixture, p), p, schedule).double()
 

@@ -20,8 +20,7 @@ from diffexp.diffusion.elbo import (
     prior_kl,
     stratified_times,
 )
-from diffexp.diffusion.parameterizations import get_parameterization
-from tests.helpers import ENDS, F64, oracle_denoiser
+from tests.helpers import ENDS, F64, conf_options, oracle_denoiser
 
 
 def _x(n=64, d=3, seed=0):
@@ -82,7 +81,7 @@ def test_stratified_times_cover_each_stratum_once():
     assert ((t * 32).floor().unique().numel()) == 32  # and the batch together on a finer grid
 
 
-@pytest.mark.parametrize("param", ["x0", "eps", "score", "v"])
+@pytest.mark.parametrize("param", conf_options("parameterization"))
 def test_oracle_denoiser_obeys_tweedie_and_matches_the_mixture(param):
     den = oracle_denoiser("ring8", param)
     mixture = make_mixture("ring8").to(dtype=F64)
@@ -175,8 +174,3 @@ def test_band_split_sums_to_the_diffusion_term():
     terms = elbo_terms(den, x0, n_t=8)
     bands = terms.diffusion_in_bands([math.inf, 5.0, 0.0, -5.0, -math.inf])
     torch.testing.assert_close(sum(bands), terms.diffusion)
-
-
-def test_get_parameterization_rejects_unknown_names():
-    with pytest.raises(ValueError, match="valid"):
-        get_parameterization("noise")

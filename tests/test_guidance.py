@@ -11,14 +11,13 @@ from diffexp.diffusion import schedules as S
 from diffexp.diffusion.denoiser import Denoiser
 from diffexp.diffusion.elbo import diffuse
 from diffexp.diffusion.guidance import ClassifierFreeGuidance, ClassifierGuidance
-from diffexp.diffusion.parameterizations import get_parameterization
 from diffexp.networks import Oracle, OracleClassifier
-from tests.helpers import ENDS, F64
+from tests.helpers import ENDS, F64, conf_option, conf_options
 
 
 def _conditional_oracle(param="eps"):
     mixture = make_mixture("ring8").to(dtype=F64)
-    p = get_parameterization(param)
+    p = conf_option("parameterization", param)
     return Denoiser(Oracle(mixture, p, conditional=True), p, S.Cosine(**ENDS)).double(), mixture
 
 
@@ -42,7 +41,7 @@ class _Counting(nn.Module):
         return self.net(x_t, log_snr, y)
 
 
-@pytest.mark.parametrize("param", ["eps", "x0", "v"])
+@pytest.mark.parametrize("param", conf_options("parameterization"))
 def test_cfg_w0_is_unconditional_and_w1_is_conditional(param):
     den, mixture = _conditional_oracle(param)
     x_t, y, lam = _batch(mixture)

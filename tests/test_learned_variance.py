@@ -13,7 +13,7 @@ from diffexp.data.mixtures import make_mixture
 from diffexp.diffusion import schedules as S
 from diffexp.diffusion.denoiser import Denoiser
 from diffexp.diffusion.elbo import elbo_terms
-from diffexp.diffusion.parameterizations import get_parameterization
+from diffexp.diffusion.parameterizations import Eps
 from diffexp.diffusion.weighting import ELBO
 from diffexp.networks import MLP
 from diffexp.training.diffusion_module import DiffusionModule
@@ -30,7 +30,7 @@ def _module(network=None, hidden: int = 16, seed: int = 0) -> DiffusionModule:
     if network is None:
         den = oracle_denoiser("ring8", schedule=schedule)
     else:
-        den = Denoiser(network, get_parameterization("eps"), schedule).double()
+        den = Denoiser(network, Eps(), schedule).double()
     module = DiffusionModule(den, ELBO(), optimizer=torch.optim.Adam, ema_decay=None)
     module._is_logging_step = lambda: False
     return module

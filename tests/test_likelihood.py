@@ -16,7 +16,7 @@ from diffexp.diffusion.likelihood import (
     ode_log_likelihood,
     rademacher,
 )
-from diffexp.diffusion.parameterizations import get_parameterization
+from diffexp.diffusion.parameterizations import Eps
 from diffexp.networks import Oracle
 from tests.helpers import ENDS, F64, oracle_denoiser
 
@@ -102,7 +102,7 @@ def test_high_dimension_defaults_to_hutchinson_and_stays_unbiased():
     means = torch.zeros(2, d, dtype=F64)
     means[0, 0], means[1, 0] = -1.0, 1.0
     mixture = GaussianMixture(means, torch.tensor([0.3, 0.5], dtype=F64))
-    param = get_parameterization("eps")
+    param = Eps()
     den = Denoiser(Oracle(mixture, param), param, S.LogLinear(**ENDS)).double()
     x0 = mixture.sample(128, generator=_gen(3))[0]
     result = ode_log_likelihood(den, x0, rtol=1e-4, atol=1e-4, generator=_gen(4))

@@ -8,9 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffexp.diffusion import schedules as S
 from diffexp.diffusion.noise_level import NoiseLevel
-from tests.helpers import ENDS
+from tests.helpers import ENDS, conf_option, conf_options
 
 DTYPES = [torch.float32, torch.float64]
 PROPERTIES = (
@@ -113,9 +112,9 @@ def test_broadcasting_is_the_callers_and_values_are_cached():
         level.log_snr = lam  # frozen
 
 
-@pytest.mark.parametrize("cls", list(S.SCHEDULES.values()), ids=lambda c: c.__name__)
-def test_a_schedules_noise_level_is_that_of_its_log_snr(cls):
-    sched = cls(**ENDS).double()
+@pytest.mark.parametrize("name", conf_options("schedule"))
+def test_a_schedules_noise_level_is_that_of_its_log_snr(name):
+    sched = conf_option("schedule", name, **ENDS).double()
     t = torch.linspace(0, 1, 11, dtype=torch.float64)
     with torch.no_grad():
         level, lam = sched.noise_level(t), sched.log_snr(t)

@@ -19,10 +19,8 @@ from diffexp.diffusion.denoiser import Denoiser, broadcast_like
 from diffexp.diffusion.elbo import diffuse, elbo_terms
 from diffexp.diffusion.loss import WeightedLoss
 from diffexp.diffusion.noise_level import NoiseLevel
-from diffexp.diffusion.noise_sampling import NOISE_SAMPLINGS, LogitNormal, LogNormal, ScheduleTimes
-from diffexp.diffusion.parameterizations import PARAMETERIZATIONS, get_parameterization
+from diffexp.diffusion.noise_sampling import LogitNormal, LogNormal, ScheduleTimes
 from diffexp.diffusion.weighting import (
-    WEIGHTINGS,
     EDMWeighting,
     Sigmoid,
     Unit,
@@ -30,19 +28,20 @@ from diffexp.diffusion.weighting import (
     is_monotone,
 )
 from diffexp.networks import MLP
-from tests.helpers import ENDS, F64, oracle_denoiser
+from tests.helpers import ENDS, F64, conf_option, conf_options, oracle_denoiser
 
 ROOT = Path(__file__).resolve().parents[1]
 SIGMA_DATA = 1.418  # the ring's std per dimension (conf/data/ring8.yaml)
 
 
 def _weighting(name: str):
-    """The registry's weighting with the ring's settings."""
-    return EDMWeighting(sigma_data=SIGMA_DATA) if name == "edm" else WEIGHTINGS[name]()
+    """conf/weighting/<name>.yaml with the ring's settings."""
+    return conf_option("weighting", name)
 
 
 def _param(name: str):
-    return get_parameterization(name, **({"sigma_data": SIGMA_DATA} if name == "edm" else {}))
+    """conf/parameterization/<name>.yaml with the ring's settings."""
+    return conf_option("parameterization", name)
 
 
 def _ring(n: int, seed: int = 0) -> torch.Tensor:
@@ -65,12 +64,12 @@ def _mean_se(v: torch.Tensor) -> tuple[float, float]:
 # --- p(lambda) only importance-samples -------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(NOISE_SAMPLINGS))
+@pytest.mark.parametrize("name", conf_options("noise_sampling"))
 def test_each_sampler_draws_from_its_density_on_the_range(name):
     """The draws stay in [lambda(1), lambda(0)], come with 1/p(lambda), and follow the CDF of
     ``log_density``, which integrates to 1 over the range (Kolmogorov-Smirnov distance)."""
     schedule = S.Cosine(**ENDS).double()
-    sampling = NOISE_SAMPLINGS[name]()
+    sampling = conf_option("noise_sampling", name)
     n = 20000
     levels = sampling.draw(schedule, n, generator=torch.Generator().manual_seed(0), like=_ring(1))
     lam = levels.log_snr
@@ -119,8 +118,8 @@ def test_lognormal_and_logit_normal_are_normals_in_log_snr():
     wide = S.LogLinear(log_snr_max=40.0, log_snr_min=-40.0).double()  # truncation negligible
     gen = torch.Generator().manual_seed(1)
     for sampling, (mean, std) in [
-        (NOISE_SAMPLINGS["lognormal"](), (2.4, 2.4)),
-        (NOISE_SAMPLINGS["logit_normal"](m=0.5, s=0.7), (-1.0, 1.4)),
+        (conf_option("noise_sampling", "lognormal"), (2.4, 2.4)),
+        (conf_option("noise_sampling", "logit_normal", m=0.5, s=0.7), (-1.0, 1.4)),
     ]:
         lam = sampling.draw(wide, 40000, generator=gen, like=_ring(1)).log_snr
         assert lam.mean().item() == pytest.approx(mean, abs=0.01)
@@ -138,14 +137,14 @@ def ring_batch():
 # "SE" against 7.6 +- 0.14 under the schedule, an SE that the tail makes meaningless); the test
 # compares them with the wide densities, where w / p is bounded.
 DENSITIES = {
-    **{name: cls() for name, cls in NOISE_SAMPLINGS.items()},
+    **{name: conf_option("noise_sampling", name) for name in conf_options("noise_sampling")},
     "lognormal wide": LogNormal(P_mean=-0.5, P_std=2.5),
     "logit_normal wide": LogitNormal(m=-0.5, s=2.5),
 }
 BOUNDED_WEIGHTS = {"edm", "sigmoid", "min_snr"}  # w decays where every p above does
 
 
-@pytest.mark.parametrize("weighting", sorted(WEIGHTINGS))
+@pytest.mark.parametrize("weighting", conf_options("weighting"))
 @pytest.mark.parametrize("kind", ["oracle", "mlp"])
 def test_the_mean_loss_does_not_depend_on_the_noise_level_density(weighting, kind, ring_batch):
     """For every weighting, the one-sample loss has the same expectation under every density of
@@ -153,7 +152,7 @@ def test_the_mean_loss_does_not_depend_on_the_noise_level_density(weighting, kin
     den = oracle_denoiser("ring8", "eps") if kind == "oracle" else _mlp_denoiser()
     stats = {}
     for name, sampling in DENSITIES.items():
-        if weighting not in BOUNDED_WEIGHTS and name in NOISE_SAMPLINGS and name != "schedule":
+        if weighting not in BOUNDED_WEIGHTS and "wide" not in name and name != "schedule":
             continue
         loss = WeightedLoss(_weighting(weighting), sampling)
         gen = torch.Generator().manual_seed(7)
@@ -171,7 +170,7 @@ def test_the_elbo_weighting_is_elbo_terms_exactly():
     """w = 1 with the schedule's p: the loss is the one-sample -ELBO of ``elbo_terms``, bitwise."""
     den, x0 = _mlp_denoiser("eps"), _ring(256)
     for T in (0, 30):
-        out = WeightedLoss(WEIGHTINGS["elbo"](), ScheduleTimes())(
+        out = WeightedLoss(_weighting("elbo"), ScheduleTimes())(
             den, x0, T=T, generator=torch.Generator().manual_seed(5)
         )
         terms = elbo_terms(den, x0, T=T, generator=torch.Generator().manual_seed(5))
@@ -187,7 +186,7 @@ def test_unit_and_min_snr_keep_their_numbers_under_the_schedules_density(name, T
     c_w = 1 (unit) or min(SNR, gamma) c^2 (min_snr), the same draws."""
     den, x0 = _mlp_denoiser("score"), _ring(512)
     schedule, p = den.schedule, den.parameterization
-    out = WeightedLoss(WEIGHTINGS[name](), ScheduleTimes())(
+    out = WeightedLoss(_weighting(name), ScheduleTimes())(
         den, x0, T=T, generator=torch.Generator().manual_seed(9)
     )
     gen = torch.Generator().manual_seed(9)
@@ -255,7 +254,7 @@ TABLE = {
         lambda lam: torch.nn.functional.logsigmoid(2 - lam),
         True,
     ),
-    "elbo": (WEIGHTINGS["elbo"](), "x0", S.Linear(**ENDS), lambda lam: torch.zeros_like(lam), True),
+    "elbo": (_weighting("elbo"), "x0", S.Linear(**ENDS), lambda lam: torch.zeros_like(lam), True),
 }
 
 
@@ -285,16 +284,20 @@ class _KnownEpsError(nn.Module):
         return self.param.output_from((x_t - s * eps_hat) / a, eps_hat, lam)
 
 
-@pytest.mark.parametrize("param", sorted(PARAMETERIZATIONS))
-@pytest.mark.parametrize("sampling", sorted(NOISE_SAMPLINGS))
+@pytest.mark.parametrize("param", conf_options("parameterization"))
+@pytest.mark.parametrize("sampling", conf_options("noise_sampling"))
 def test_the_loss_applies_w_over_p_to_the_eps_error(param, sampling):
     """End to end, per example: loss = 1/2 (w(lambda) / p(lambda)) ||eps_hat - eps||^2 with the
     implied w of every weighting, for every parameterization and density."""
     x0 = _ring(512, seed=4)
     delta = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5), dtype=F64)
-    p, schedule, ns = _param(param), S.Cosine(**ENDS).double(), NOISE_SAMPLINGS[sampling]()
+    p, schedule, ns = (
+        _param(param),
+        S.Cosine(**ENDS).double(),
+        conf_option("noise_sampling", sampling),
+    )
     den = Denoiser(_KnownEpsError(x0, delta, p), p, schedule)
-    for name in sorted(WEIGHTINGS):
+    for name in conf_options("weighting"):
         weighting = _weighting(name)
         est, _, lam = WeightedLoss(weighting, ns).diffusion_loss(
             den, x0, generator=torch.Generator().manual_seed(6)
@@ -340,7 +343,7 @@ def test_the_oracle_is_the_minimizer_of_each_new_objective(case, ring_batch):
     base = oracle_denoiser("ring8", param, schedule.double())
     base.parameterization = _param(param)
     base.network.parameterization = base.parameterization
-    loss = WeightedLoss(_weighting(weighting), NOISE_SAMPLINGS[sampling]())
+    loss = WeightedLoss(_weighting(weighting), conf_option("noise_sampling", sampling))
 
     x0 = ring_batch[:4096]
 

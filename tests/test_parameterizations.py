@@ -13,11 +13,10 @@ from diffexp.diffusion import schedules as S
 from diffexp.diffusion.denoiser import Denoiser, broadcast_like
 from diffexp.diffusion.elbo import diffuse, elbo_terms, snr_difference
 from diffexp.diffusion.noise_level import NoiseLevel
-from diffexp.diffusion.parameterizations import PARAMETERIZATIONS, get_parameterization
 from diffexp.networks import MLP
-from tests.helpers import ENDS, F64, oracle_denoiser
+from tests.helpers import ENDS, F64, conf_option, conf_options, oracle_denoiser
 
-NAMES = sorted(PARAMETERIZATIONS)
+NAMES = conf_options("parameterization")
 
 
 def _batch(n=256, d=3, seed=0):
@@ -30,7 +29,7 @@ def _batch(n=256, d=3, seed=0):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_target_converts_back_to_the_true_x0_and_eps(name):
-    p = get_parameterization(name)
+    p = conf_option("parameterization", name)
     x0, eps, lam, x_t = _batch()
     x0_hat, eps_hat = p.convert(p.target(x0, eps, lam), x_t, lam)
     torch.testing.assert_close(x0_hat, x0, rtol=1e-9, atol=1e-9)
@@ -39,7 +38,7 @@ def test_target_converts_back_to_the_true_x0_and_eps(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_output_round_trip_and_consistency_with_x_t(name):
-    p = get_parameterization(name)
+    p = conf_option("parameterization", name)
     _, _, lam, x_t = _batch()
     out = torch.randn_like(x_t)
     x0_hat, eps_hat = p.convert(out, x_t, lam)
@@ -51,7 +50,7 @@ def test_output_round_trip_and_consistency_with_x_t(name):
 @pytest.mark.parametrize("src", NAMES)
 @pytest.mark.parametrize("dst", NAMES)
 def test_every_pair_of_parameterizations_round_trips(src, dst):
-    p, q = get_parameterization(src), get_parameterization(dst)
+    p, q = conf_option("parameterization", src), conf_option("parameterization", dst)
     _, _, lam, x_t = _batch(seed=1)
     out = torch.randn_like(x_t)
     out_q = q.output_from(*p.convert(out, x_t, lam), lam)
@@ -61,7 +60,7 @@ def test_every_pair_of_parameterizations_round_trips(src, dst):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_x0_error_scale(name):
-    p = get_parameterization(name)
+    p = conf_option("parameterization", name)
     x0, eps, lam, x_t = _batch(seed=2)
     out = p.target(x0, eps, lam) + 0.1 * torch.randn_like(x0)
     x0_hat, _ = p.convert(out, x_t, lam)
@@ -82,7 +81,7 @@ def test_discrete_weights_match_the_table_of_math_section_4():
         "v": 0.5 * (snr_s - snr_t) * s2,
     }
     for name, expected in table.items():
-        p = get_parameterization(name)
+        p = conf_option("parameterization", name)
         weight = 0.5 * snr_difference(lam_s, lam_t) * torch.exp(p.log_x0_error_scale2(lam_t))
         torch.testing.assert_close(weight, expected, rtol=1e-10, atol=0)
 
@@ -107,14 +106,16 @@ def test_one_denoiser_gives_the_same_elbo_through_every_parameterization(T, base
     torch.manual_seed(0)
     schedule = S.Cosine(**ENDS)
     if base_kind == "mlp":
-        base = Denoiser(MLP(dim=2, width=32, depth=2), get_parameterization("v"), schedule).double()
+        base = Denoiser(
+            MLP(dim=2, width=32, depth=2), conf_option("parameterization", "v"), schedule
+        ).double()
         nn.init.normal_(base.network.out[1].weight, std=0.3)  # not the zero-initialized output
     else:
         base = oracle_denoiser("ring8", "x0", schedule)
     x0 = torch.randn(512, 2, dtype=F64) * 2
     results = {}
     for name in NAMES:
-        p = get_parameterization(name)
+        p = conf_option("parameterization", name)
         den = Denoiser(_Reparameterized(base, p), p, schedule)
         g = torch.Generator().manual_seed(123)
         terms = elbo_terms(den, x0, T=T, n_t=4, generator=g)
@@ -132,7 +133,10 @@ def test_broadcast_like():
 
 def test_edm_with_unit_sigma_data_is_v_up_to_sign():
     """MATH.md section 9: with sigma_d = 1, c_skip = a^2, c_out = s, c_in = 1, so F = -v."""
-    edm, v = get_parameterization("edm", sigma_data=1.0), get_parameterization("v")
+    edm, v = (
+        conf_option("parameterization", "edm", sigma_data=1.0),
+        conf_option("parameterization", "v"),
+    )
     x0, eps, lam, x_t = _batch(seed=3)
     torch.testing.assert_close(
         edm.target(x0, eps, lam), -v.target(x0, eps, lam), rtol=0, atol=1e-14
@@ -149,7 +153,7 @@ def test_edm_with_unit_sigma_data_is_v_up_to_sign():
 @pytest.mark.parametrize("sigma_data", [0.5, 1.418])
 def test_edm_coefficients_are_karras_in_the_variance_exploding_variable(sigma_data):
     """D(x_ve) = c_skip x_ve + c_out F(c_in x_ve), x_ve = x_t / a, sigma = exp(-lambda / 2)."""
-    p = get_parameterization("edm", sigma_data=sigma_data)
+    p = conf_option("parameterization", "edm", sigma_data=sigma_data)
     _, _, lam, x_t = _batch(seed=4)
     sigma, sd = torch.exp(-lam / 2), sigma_data
     c_skip = sd**2 / (sigma**2 + sd**2)
@@ -166,7 +170,7 @@ def test_edm_coefficients_are_karras_in_the_variance_exploding_variable(sigma_da
 
 def test_flow_is_the_rectified_flow_path():
     """z = (1 - t) x0 + t eps = x_t / (a + s) with t = s / (a + s); u = eps - x0."""
-    p = get_parameterization("flow")
+    p = conf_option("parameterization", "flow")
     x0, eps, lam, x_t = _batch(seed=5)
     level = NoiseLevel(lam)
     t = level.s / (level.a + level.s)

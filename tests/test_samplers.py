@@ -14,7 +14,6 @@ from torch import nn
 
 from diffexp.data.mixtures import make_mixture
 from diffexp.diffusion import schedules as S
-from diffexp.diffusion.parameterizations import PARAMETERIZATIONS
 from diffexp.diffusion.samplers import (
     DDIM,
     FIXED_STEP_SOLVERS,
@@ -31,7 +30,7 @@ from diffexp.diffusion.samplers import (
     time_grid,
 )
 from diffexp.metrics.sliced_wasserstein import sliced_wasserstein
-from tests.helpers import ENDS, oracle_denoiser
+from tests.helpers import ENDS, conf_option, conf_options, oracle_denoiser
 
 N = 4000
 LAST = "last_step"
@@ -138,7 +137,7 @@ def test_every_sampler_with_enough_steps_reproduces_the_ring(name, den, ring):
 @pytest.mark.parametrize("grid", ["uniform", "log_snr", "karras"])
 def test_euler_on_the_flow_ode_is_ddim_with_eta_0(param, schedule, grid):
     """z' = z + (t' - t) u_hat in z = x_t / (a + s) is x_s = a_s x0_hat + s_s eps_hat (MATH 9)."""
-    den = oracle_denoiser("ring8", param, S.SCHEDULES[schedule](**ENDS).double())
+    den = oracle_denoiser("ring8", param, conf_option("schedule", schedule, **ENDS).double())
     f64 = torch.float64
     for final in (True, LAST):
         a = FlowEuler(steps=12, time_grid=grid, final_denoise=final)
@@ -384,12 +383,10 @@ def test_every_sampler_config_instantiates_with_a_steps_override():
         assert instantiate(cfg, steps=7).steps == 7
 
 
-SCHEDULES = [S.Cosine(**ENDS), S.Linear(**ENDS), S.LogLinear(**ENDS)]
-
-
-@pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize("name", conf_options("schedule"))
 @pytest.mark.parametrize("kind", ["uniform", "log_snr", "karras"])
-def test_time_grids_run_from_0_to_1_strictly_increasing(sched, kind):
+def test_time_grids_run_from_0_to_1_strictly_increasing(name, kind):
+    sched = conf_option("schedule", name, **ENDS)
     for steps in (1, 2, 10, 100):
         t = time_grid(sched, steps, kind, dtype=torch.float64)
         assert t.shape == (steps + 1,)
@@ -438,7 +435,7 @@ def test_every_sampler_samples_every_parameterization_of_one_denoiser_alike(samp
     every sampler draws the same samples from the oracle in each (float64)."""
     sampler.steps = 6
     f64, results = torch.float64, {}
-    for name in sorted(PARAMETERIZATIONS):
+    for name in conf_options("parameterization"):
         den = oracle_denoiser("ring8", name, S.Cosine(**ENDS).double())
         results[name] = sampler.sample(den, (64, 2), generator=_gen(2), dtype=f64).x
     for name, x in results.items():

@@ -8,17 +8,18 @@ import pytest
 import torch
 
 from diffexp.diffusion import schedules as S
+from tests.helpers import conf_option, conf_options
 
 T64 = torch.float64
 ENDS = {"log_snr_max": 10.0, "log_snr_min": -8.0}
 
 
 def all_schedules():
-    """One of each schedule in the registry, with the ring's endpoints (float64)."""
-    return [cls(**ENDS).double() for cls in S.SCHEDULES.values()]
+    """One of each option of conf/schedule, with the ring's endpoints (float64)."""
+    return [conf_option("schedule", name, **ENDS).double() for name in conf_options("schedule")]
 
 
-@pytest.mark.parametrize("schedule", all_schedules(), ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize("schedule", all_schedules(), ids=conf_options("schedule"))
 def test_log_snr_strictly_decreasing_with_exact_endpoints(schedule):
     t = torch.linspace(0, 1, 2001, dtype=T64)
     lam = schedule.log_snr(t).detach()
@@ -32,7 +33,7 @@ def test_log_snr_strictly_decreasing_with_exact_endpoints(schedule):
     torch.testing.assert_close(torch.log(a2 / s2), lam.to(T64), rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("schedule", all_schedules(), ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize("schedule", all_schedules(), ids=conf_options("schedule"))
 def test_derivative_matches_finite_differences(schedule):
     t = torch.linspace(0.01, 0.99, 50, dtype=T64)
     _, dlam = schedule.log_snr_and_derivative(t)
@@ -41,14 +42,14 @@ def test_derivative_matches_finite_differences(schedule):
     torch.testing.assert_close(dlam.detach(), fd, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("schedule", all_schedules(), ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize("schedule", all_schedules(), ids=conf_options("schedule"))
 def test_time_of_log_snr_inverts_the_schedule(schedule):
     lam = torch.linspace(9.5, -7.5, 20, dtype=T64)
     t = schedule.t_of_log_snr(lam)
     torch.testing.assert_close(schedule.log_snr(t).detach(), lam, rtol=1e-7, atol=1e-7)
 
 
-@pytest.mark.parametrize("schedule", all_schedules(), ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize("schedule", all_schedules(), ids=conf_options("schedule"))
 def test_log_density_is_the_density_of_lambda_under_uniform_t(schedule):
     """p(lambda) = 1 / |lambda'(t)| integrates to 1 over the range; P(lambda > l) = t(l)."""
     lam = torch.linspace(10.0, -8.0, 4001, dtype=T64)

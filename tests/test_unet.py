@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from diffexp.networks.unet import UNet
+from tests.helpers import conf_options
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "network"
 TINY = {
@@ -121,7 +122,7 @@ def test_wrong_input_shape_is_refused():
             net(torch.randn(*shape), torch.zeros(2))
 
 
-@pytest.mark.parametrize("name", ["unet", "unet_small"])
+@pytest.mark.parametrize("name", [n for n in conf_options("network") if n.startswith("unet")])
 def test_presets_build(name):
     cfg = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
     assert cfg.pop("_target_") == "diffexp.networks.unet.UNet"

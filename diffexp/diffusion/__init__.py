@@ -4,7 +4,7 @@ from diffexp.diffusion import consistency, elbo, parameterizations, samplers, sc
 from diffexp.diffusion.consistency import consistency_terms
 from diffexp.diffusion.denoiser import Denoiser, DenoiserOutput
 from diffexp.diffusion.elbo import ELBOTerms, elbo_terms
-from diffexp.diffusion.parameterizations import X0, Eps, Score, V, get_parameterization
+from diffexp.diffusion.parameterizations import EDM, X0, Eps, Flow, Score, V
 from diffexp.diffusion.samplers import Ancestral
 from diffexp.diffusion.schedules import Cosine, Learned, Linear, LogLinear
 
@@ -13,8 +13,10 @@ __all__ = [
     "Cosine",
     "Denoiser",
     "DenoiserOutput",
+    "EDM",
     "ELBOTerms",
     "Eps",
+    "Flow",
     "Learned",
     "Linear",
     "LogLinear",
@@ -25,7 +27,6 @@ __all__ = [
     "consistency_terms",
     "elbo",
     "elbo_terms",
-    "get_parameterization",
     "parameterizations",
     "samplers",
     "schedules",

@@ -228,6 +228,3 @@ class LogitNormal(TruncatedNormalLogSNR):
 
     def __repr__(self) -> str:
         return f"LogitNormal(m={self.m:g}, s={self.s:g})"
-
-
-NOISE_SAMPLINGS = {c.name: c for c in (ScheduleTimes, LogNormal, LogitNormal)}

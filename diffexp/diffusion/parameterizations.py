@@ -250,15 +250,3 @@ class Flow(Parameterization):
         """c_in = 1 / (a + s)."""
         level = NoiseLevel(log_snr)
         return 1.0 / (level.a + level.s)
-
-
-PARAMETERIZATIONS: dict[str, type[Parameterization]] = {
-    p.name: p for p in (X0, Eps, Score, V, EDM, Flow)
-}
-
-
-def get_parameterization(name: str, **kwargs) -> Parameterization:
-    """The parameterization called ``name`` (x0, eps, score, v, edm or flow), default settings."""
-    if name not in PARAMETERIZATIONS:
-        raise ValueError(f"unknown parameterization {name!r}; valid: {sorted(PARAMETERIZATIONS)}")
-    return PARAMETERIZATIONS[name](**kwargs)

@@ -401,12 +401,3 @@ class Learned(Schedule):
 
     def extra_repr(self) -> str:
         return f"interior_objective={self.interior_objective!r}"
-
-
-SCHEDULES = {
-    "linear": Linear,
-    "cosine": Cosine,
-    "log_linear": LogLinear,
-    "rectified_flow": RectifiedFlow,
-    "learned": Learned,
-}

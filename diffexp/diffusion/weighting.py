@@ -169,9 +169,6 @@ class EDMWeighting(Weighting):
         )
 
 
-WEIGHTINGS = {w.name: w for w in (ELBO, Unit, MinSNR, Sigmoid, EDMWeighting)}
-
-
 def implied_log_weight(
     weighting: Weighting,
     parameterization: Parameterization,
