@@ -72,7 +72,7 @@ class Schedule(nn.Module):
 
     def discretize(self, T: int, dtype: torch.dtype = torch.float32) -> Tensor:
         """lambda(t_i) on the grid t_i = i / T, i = 0..T (shape [T + 1])."""
-        t = torch.linspace(0.0, 1.0, T + 1, dtype=dtype, device=self._device())
+        t = torch.linspace(0.0, 1.0, T + 1, dtype=dtype, device=device_of(self))
         return self.log_snr(t)
 
     def t_of_log_snr(self, log_snr: Tensor, iters: int = 60) -> Tensor:
@@ -89,13 +89,10 @@ class Schedule(nn.Module):
     @property
     def endpoints(self) -> tuple[float, float]:
         """(lambda(0), lambda(1)) as floats."""
-        t = torch.tensor([0.0, 1.0], dtype=torch.float64, device=self._device())
+        t = torch.tensor([0.0, 1.0], dtype=torch.float64, device=device_of(self))
         with torch.no_grad():
             lam = self.log_snr(t.to(self._dtype()))
         return float(lam[0]), float(lam[1])
-
-    def _device(self) -> torch.device:
-        return device_of(self)
 
     def _dtype(self) -> torch.dtype:
         for b in list(self.parameters()) + list(self.buffers()):
