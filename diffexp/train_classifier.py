@@ -24,6 +24,7 @@ from torch import nn
 
 from diffexp.build.factory import build_datamodule, labelled_data_options
 from diffexp.cli import CONF_DIR, ConfigError, refusing_bad_input, run_cli
+from diffexp.networks.classifier import classifier_spec
 from diffexp.training.classifier_module import (
     CLASSIFIER_CLASSES,
     NETWORK_KEY,
@@ -131,7 +132,7 @@ def build_classifier_module(cfg: DictConfig, datamodule: Any) -> NoisyClassifier
             ) from err
     config = OmegaConf.to_container(cfg, resolve=True)
     # what load_noisy_classifier rebuilds the classifier from: its class and arguments
-    config[NETWORK_KEY] = classifier.spec()
+    config[NETWORK_KEY] = classifier_spec(classifier)
     lr_scheduler = cfg.get("lr_scheduler")
     return NoisyClassifierModule(
         classifier=classifier,

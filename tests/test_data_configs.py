@@ -25,7 +25,7 @@ def test_every_data_node_is_instantiated_as_it_is(compose, option, tmp_path):
     dm = instantiate(cfg.data)
     assert isinstance(dm, DescribedDataModule)
     for key in DataDescription.keys():
-        assert getattr(dm, key) == node.get(key), (option, key)
+        assert getattr(dm.description, key) == node.get(key), (option, key)
         assert getattr(dm.description, key) == node.get(key), (option, key)
     assert not absent.exists()
     # the factory builds the same module, description included
@@ -35,5 +35,9 @@ def test_every_data_node_is_instantiated_as_it_is(compose, option, tmp_path):
 def test_description_overrides_reach_the_module_and_the_schedule(compose):
     cfg = compose(["data=digits", "data.log_snr_max=8", "data.fid_features=inception"])
     dm = build_datamodule(cfg.data)
-    assert (dm.log_snr_max, dm.log_snr_min, dm.fid_features) == (8, -5.0, "inception")
+    assert (
+        dm.description.log_snr_max,
+        dm.description.log_snr_min,
+        dm.description.fid_features,
+    ) == (8, -5.0, "inception")
     assert instantiate(cfg.schedule).endpoints[0] == 8

@@ -153,7 +153,12 @@ def test_unknown_names_and_bad_arguments():
 def test_the_description_is_carried_and_unknown_arguments_are_refused():
     dm = MixtureDataModule("ring8", radius=3.0, log_snr_max=9.0, sigma_data=2.1, **SMALL)
     assert dm.description == DataDescription(log_snr_max=9.0, sigma_data=2.1)
-    assert (dm.log_snr_max, dm.log_snr_min, dm.sigma_data, dm.fid_features) == (
+    assert (
+        dm.description.log_snr_max,
+        dm.description.log_snr_min,
+        dm.description.sigma_data,
+        dm.description.fid_features,
+    ) == (
         9.0,
         None,
         2.1,
@@ -161,7 +166,11 @@ def test_the_description_is_carried_and_unknown_arguments_are_refused():
     )
     assert dm.x_train.norm(dim=1).mean() > 2.5  # the preset argument still reaches the mixture
     moons = ToyDataModule("moons", log_snr_min=-6.0, fid_features="inception", **SMALL)
-    assert (moons.log_snr_min, moons.fid_features, moons.fid_features_path) == (
+    assert (
+        moons.description.log_snr_min,
+        moons.description.fid_features,
+        moons.description.fid_features_path,
+    ) == (
         -6.0,
         "inception",
         None,

@@ -298,14 +298,23 @@ def test_absent_files_are_a_config_error_naming_data_dir_when_required(tmp_path,
 
 def test_image_data_modules_carry_their_description(tmp_path):
     digits = DigitsDataModule(16, fid_features="classifier", fid_features_path="f.pt")
-    assert (digits.fid_features, digits.fid_features_path, digits.log_snr_max) == (
+    assert (
+        digits.description.fid_features,
+        digits.description.fid_features_path,
+        digits.description.log_snr_max,
+    ) == (
         "classifier",
         "f.pt",
         None,
     )
     for cls in (MNISTDataModule, CIFAR10DataModule):
         dm = cls(str(tmp_path / "nowhere"), log_snr_max=13.3, log_snr_min=-5.0, sigma_data=0.5)
-        assert (dm.log_snr_max, dm.log_snr_min, dm.sigma_data, dm.fid_features) == (
+        assert (
+            dm.description.log_snr_max,
+            dm.description.log_snr_min,
+            dm.description.sigma_data,
+            dm.description.fid_features,
+        ) == (
             13.3,
             -5.0,
             0.5,

@@ -17,6 +17,7 @@ from diffexp.networks.classifier import (
     NoisyConvClassifier,
     NoisyMLPClassifier,
     auto_noisy_classifier,
+    classifier_spec,
 )
 from diffexp.train_classifier import build_classifier, train_noisy_classifier
 from diffexp.training.classifier_module import (
@@ -140,7 +141,7 @@ def test_every_classifier_option_builds_from_the_data_and_round_trips_its_spec(
     assert classifier.num_classes == datamodule.num_classes
     x = torch.randn(3, *datamodule.shape)
     # the spec is what a checkpoint stores; load_noisy_classifier rebuilds the classifier from it
-    spec = classifier.spec()
+    spec = classifier_spec(classifier)
     assert all(isinstance(v, (int, float, str)) for v in spec.values())
     rebuilt = build_classifier_from_spec(spec)
     rebuilt.load_state_dict(classifier.state_dict())

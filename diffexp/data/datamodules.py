@@ -161,7 +161,7 @@ def split_description(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
 
 class DescribedDataModule(pl.LightningDataModule):
     """A LightningDataModule with the ``DataDescription`` of its data, given as keyword arguments
-    (``**description``) and read back as ``dm.description`` or ``dm.log_snr_max``, ...."""
+    (``**description``) and read back as ``dm.description`` (``dm.description.sigma_data``)."""
 
     def __init__(self, **description: Any) -> None:
         super().__init__()
@@ -172,31 +172,6 @@ class DescribedDataModule(pl.LightningDataModule):
                 f"own, a data module takes the description keys {list(DataDescription.keys())}"
             )
         self.description = DataDescription(**described)
-
-    @property
-    def log_snr_max(self) -> float | None:
-        """Recommended upper end of the schedule's log-SNR."""
-        return self.description.log_snr_max
-
-    @property
-    def log_snr_min(self) -> float | None:
-        """Recommended lower end of the schedule's log-SNR."""
-        return self.description.log_snr_min
-
-    @property
-    def sigma_data(self) -> float | None:
-        """The data's std per dimension (EDM's sigma_data)."""
-        return self.description.sigma_data
-
-    @property
-    def fid_features(self) -> str | None:
-        """The FID feature extractor for this data."""
-        return self.description.fid_features
-
-    @property
-    def fid_features_path(self) -> str | None:
-        """The FID feature extractor's weights file."""
-        return self.description.fid_features_path
 
 
 class VectorDataModule(DescribedDataModule):

@@ -9,6 +9,7 @@ what a checkpoint stores to rebuild a classifier.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -41,9 +42,12 @@ def log_snr_per_example(log_snr: Tensor | float, x_t: Tensor) -> Tensor:
     return lam.reshape(n)
 
 
-def _target_of(module: nn.Module) -> str:
-    """The ``_target_`` string of a module's class."""
-    return f"{type(module).__module__}.{type(module).__qualname__}"
+def classifier_spec(classifier: nn.Module) -> dict[str, Any]:
+    """``{"_target_": <its class>, **its constructor arguments}``: every argument of the class's
+    ``__init__`` is kept as an attribute of the same name (plain numbers)."""
+    names = [n for n in inspect.signature(type(classifier).__init__).parameters if n != "self"]
+    target = f"{type(classifier).__module__}.{type(classifier).__qualname__}"
+    return {"_target_": target, **{n: getattr(classifier, n) for n in names}}
 
 
 def _check_classes(num_classes: int) -> int:
@@ -98,17 +102,6 @@ class NoisyMLPClassifier(nn.Module):
         for block in self.blocks:
             h = block(h, emb)
         return self.out(h)
-
-    def spec(self) -> dict[str, Any]:
-        """``{"_target_": <this class>, **its constructor arguments}`` (plain numbers)."""
-        return {
-            "_target_": _target_of(self),
-            "dim": self.dim,
-            "width": self.width,
-            "depth": self.depth,
-            "num_classes": self.num_classes,
-            "log_snr_scale": self.log_snr_scale,
-        }
 
 
 def _groups(channels: int) -> int:
@@ -190,17 +183,6 @@ class NoisyConvClassifier(nn.Module):
                 h = self.downs[i](h)
         h = F.silu(self.head_norm(h)).mean(dim=(2, 3))
         return self.head(h)
-
-    def spec(self) -> dict[str, Any]:
-        """``{"_target_": <this class>, **its constructor arguments}`` (plain numbers)."""
-        return {
-            "_target_": _target_of(self),
-            "in_channels": self.in_channels,
-            "image_size": self.image_size,
-            "base_channels": self.base_channels,
-            "num_classes": self.num_classes,
-            "log_snr_scale": self.log_snr_scale,
-        }
 
 
 def auto_noisy_classifier(
