@@ -20,7 +20,8 @@ F64 = torch.float64
 ENDS = {"log_snr_max": 10.0, "log_snr_min": -8.0}
 
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+CONF = ROOT / "conf"
 
 
 def compose_config(

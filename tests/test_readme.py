@@ -12,11 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import compose_config
+from tests.helpers import ROOT, compose_config
 
-ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-CONF = ROOT / "conf"
 PACKAGE = ROOT / "diffexp"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 
@@ -345,12 +343,21 @@ def _layout_paths() -> tuple[set[str], set[str]]:
     """(the entries of diffexp/ the block names, every path the block names), relative to
     the repository root: a line's own entries first, then the paths its description names,
     inside the line's folder."""
-    top, named = set(), set()
+    entries: list[str] = []
     for line in _layout_block().splitlines():
-        if not line.strip():
-            continue
+        if line.startswith("    ") and entries:  # a description continued from the line above
+            entries[-1] += " " + line.strip()
+        elif line.strip():
+            entries.append(line)
+    top, named = set(), set()
+    for line in entries:
         if not line.startswith(" "):  # the repository root: diffexp/, conf/, tests/, ...
-            named.update(m.group(1) for m in DIR.finditer(line))
+            words = line.split()
+            roots = [
+                w for w in words[: next((i for i, w in enumerate(words) if "/" not in w), None)]
+            ]
+            named.update(roots)
+            named.update(f"{roots[0]}{m.group(1)}" for m in PY.finditer(line))
             continue
         words = line.split()
         lead = []

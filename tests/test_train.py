@@ -18,9 +18,7 @@ from diffexp.build.factory import build_module
 from diffexp.data.datamodules import VectorDataModule
 from diffexp.train import train
 from diffexp.training.diffusion_module import NonFiniteLossError
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from tests.helpers import ROOT
 
 COMBOS = [
     ["parameterization=x0", "weighting=elbo", "schedule=cosine"],

@@ -14,7 +14,7 @@ Monte Carlo estimate over the two latents z_{i-1}, z_{i+1} only.
 
 Luo writes the inner term as KL(q(z_i | z_{i-1}) || p(z_i | z_{i+1})), which draws z_i without
 its dependence on z_{i+1}; that expression is not the ELBO but a looser bound (-ELBO higher:
-measured in ``tests/test_consistency.py``). Here z_i follows the bridge, as the derivation
+measured in ``tests/diffusion/test_consistency.py``). Here z_i follows the bridge, as the derivation
 requires.
 
 ``diffusion`` of the returned terms is the sum of the consistency terms alone: with prior'

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from diffexp.networks.unet import UNet
-from tests.helpers import conf_options
+from tests.helpers import ROOT, conf_options
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "network"
+CONF = ROOT / "conf" / "network"
 TINY = {
     "base_channels": 8,
     "channel_mults": (1, 2),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pickle
-from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -13,8 +12,6 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from diffexp.build.factory import build_datamodule, build_module
 from diffexp.build.runs import load_model
 from diffexp.training.checkpoint_io import load_checkpoint
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_ema_weights_restored_from_a_checkpoint_equal_the_saved_ones(compose, tmp_path):

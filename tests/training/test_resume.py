@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
+
 ENV = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
 ENV.update(WANDB_MODE="offline", OMP_NUM_THREADS="1")
 # 4 steps an epoch (2048 / 512), every step logged; validation and callbacks as configured

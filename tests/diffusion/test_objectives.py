@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,9 +27,8 @@ from diffexp.diffusion.weighting import (
     is_monotone,
 )
 from diffexp.networks import MLP
-from tests.helpers import ENDS, F64, conf_option, conf_options, oracle_denoiser
+from tests.helpers import ENDS, F64, ROOT, conf_option, conf_options, oracle_denoiser
 
-ROOT = Path(__file__).resolve().parents[1]
 SIGMA_DATA = 1.418  # the ring's std per dimension (conf/data/ring8.yaml)
 
 

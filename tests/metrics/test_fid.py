@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
@@ -20,7 +18,6 @@ from diffexp.metrics.features import (
 from diffexp.metrics.fid import FIDMetric, extract_features, fid_kid
 from diffexp.train_features import load_digits_images, train_features, upsample_nearest
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 LEVELS = [0.05, 0.1, 0.2, 0.4]
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,7 +29,7 @@ from diffexp.diffusion.samplers import (
     time_grid,
 )
 from diffexp.metrics.sliced_wasserstein import sliced_wasserstein
-from tests.helpers import ENDS, conf_option, conf_options, oracle_denoiser
+from tests.helpers import ENDS, ROOT, conf_option, conf_options, oracle_denoiser
 
 N = 4000
 LAST = "last_step"
@@ -373,7 +372,7 @@ def test_the_callbacks_x0_hat_is_the_denoisers_at_the_steps_start(den):
 
 
 def test_every_sampler_config_instantiates_with_a_steps_override():
-    conf = Path(__file__).resolve().parents[1] / "conf" / "sampler"
+    conf = ROOT / "conf" / "sampler"
     names = sorted(p.stem for p in conf.glob("*.yaml"))
     assert {"ancestral", "ddim", "sde", "ode", "dpmpp_2m", "langevin", "pc"} <= set(names)
     for path in sorted(conf.glob("*.yaml")):

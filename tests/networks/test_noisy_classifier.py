@@ -3,8 +3,6 @@ on mixture1d checked against the exact classifier log p(y | x_t), checkpoint loa
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from hydra.errors import MissingConfigException
@@ -25,9 +23,8 @@ from diffexp.training.classifier_module import (
     build_classifier_from_spec,
     load_noisy_classifier,
 )
-from tests.helpers import compose_config
+from tests.helpers import ROOT, compose_config
 
-ROOT = Path(__file__).resolve().parents[1]
 # measured KL(p || p_phi) at log-SNR in [5, 10] after the run below: 2e-4 .. 8e-4 nats (seeds
 # 0-3); predicting the label prior alone gives about 0.6 nats
 HIGH_SNR_KL_BOUND = 5e-3

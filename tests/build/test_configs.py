@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +18,8 @@ from diffexp.build.factory import (
     build_sampler,
 )
 from diffexp.training.loggers import CHOICE_GROUPS
+from tests.helpers import conf_options
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = [
     *CHOICE_GROUPS,
     "trainer",
@@ -39,12 +38,8 @@ PAIRED_DATA = {"oracle": "ring8", "unet": "cifar10", "unet_small": "digits"}
 IMAGE_DATA = {"digits", "digits16", "mnist", "cifar10"}
 
 
-def _options(group):
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
 @pytest.mark.parametrize(
-    "group,option", [(g, o) for g in GROUPS for o in _options(g)], ids=lambda v: str(v)
+    "group,option", [(g, o) for g in GROUPS for o in conf_options(g)], ids=lambda v: str(v)
 )
 def test_every_option_of_every_group_composes(compose, group, option):
     overrides = [f"{group}={option}"]
@@ -72,7 +67,7 @@ def test_every_option_of_every_group_composes(compose, group, option):
 
 def test_every_group_of_the_design_exists():
     for group in GROUPS:
-        assert _options(group), f"conf/{group} has no options"
+        assert conf_options(group), f"conf/{group} has no options"
 
 
 def test_unknown_option_lists_the_valid_ones(compose):

@@ -3,17 +3,15 @@ sigma_data, FID features) are constructor arguments, read back from the module."
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from diffexp.build.factory import build_datamodule
 from diffexp.data import DataDescription, DescribedDataModule
+from tests.helpers import conf_options
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-DATA_OPTIONS = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
+DATA_OPTIONS = conf_options("data")
 
 
 @pytest.mark.parametrize("option", DATA_OPTIONS)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -18,8 +16,6 @@ from diffexp.diffusion.weighting import ELBO
 from diffexp.networks import MLP
 from diffexp.training.diffusion_module import DiffusionModule
 from tests.helpers import F64, oracle_denoiser
-
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def _module(network=None, hidden: int = 16, seed: int = 0) -> DiffusionModule:

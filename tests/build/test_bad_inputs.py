@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
+
 # outputs a command writes only once it computes something
 COMPUTED = ("metrics.json", "samples.npz", "*.ckpt", "summary.json")
 
