@@ -353,9 +353,7 @@ def _layout_paths() -> tuple[set[str], set[str]]:
     for line in entries:
         if not line.startswith(" "):  # the repository root: diffexp/, conf/, tests/, ...
             words = line.split()
-            roots = [
-                w for w in words[: next((i for i, w in enumerate(words) if "/" not in w), None)]
-            ]
+            roots = words[: next((i for i, w in enumerate(words) if "/" not in w), None)]
             named.update(roots)
             named.update(f"{roots[0]}{m.group(1)}" for m in PY.finditer(line))
             continue
