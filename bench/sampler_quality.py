@@ -64,7 +64,7 @@ ROWS: dict[str, Callable[[int], Sampler]] = {
     "ode heun (karras, last_step)": lambda n: ProbabilityFlowODE(
         steps=(n + 1) // 2, solver="heun", time_grid="karras", final_denoise=LAST
     ),
-    "ode dpm++2m (log_snr, last_step)": lambda n: DPMSolverPP2M(
+    "dpmpp_2m (log_snr, last_step)": lambda n: DPMSolverPP2M(
         steps=n, time_grid="log_snr", final_denoise=LAST
     ),
     "langevin step_scale=0.5 (log_snr, last_step)": lambda n: AnnealedLangevin(

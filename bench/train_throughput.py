@@ -14,7 +14,6 @@ import argparse
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -22,8 +21,7 @@ from hydra import compose, initialize_config_dir
 from pytorch_lightning.loggers import CSVLogger
 
 from diffexp.build.factory import build_datamodule, build_module
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
+from diffexp.cli import CONF_DIR
 
 
 class _StepTimer(pl.Callback):
@@ -43,7 +41,7 @@ class _StepTimer(pl.Callback):
 
 
 def _config(overrides: list[str], out_dir: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose("train", overrides=[f"paths.output_dir={out_dir}", *overrides])
 
 

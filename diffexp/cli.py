@@ -76,6 +76,17 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN"
 
 
+# the command that error messages suggest for a missing noisy classifier
+TRAIN_CLASSIFIER = "python -m diffexp.train_classifier data=<the model's data>"
+
+
+def task_overrides() -> list[str]:
+    """The command line's overrides of the running Hydra job (none outside one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 def run_cli(main: Callable[[], Any]) -> None:
     """Run a Hydra ``main``; a refusal of the command line by Hydra itself (exit 1 before the
     job started: an unknown option, a malformed override) exits with ``EXIT_BAD_INPUT``."""

@@ -423,7 +423,9 @@ def compare(
 
 def main() -> None:
     """Command line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m diffexp.compare", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("paths", nargs="+", type=Path, help="a multirun folder or run folders")
     parser.add_argument(
         "--out", type=Path, default=None, help="where to write (default: the folder)"

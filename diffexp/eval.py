@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from diffexp.build.checks import check_eval
 from diffexp.build.runs import check_request
-from diffexp.cli import CONF_DIR, refusing_bad_input, run_cli
+from diffexp.cli import CONF_DIR, refusing_bad_input, run_cli, task_overrides
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from diffexp.build.runs import LoadedModel
 
 # torch, Lightning and the metrics are imported where they are used: a refusal of the command
-# line (config_checks, runs.check_request) comes before them, in about a second
+# line (build.checks, build.runs.check_request) comes before them, in about a second
 
 
 def _mean_se(values: list[Tensor]) -> tuple[float, float]:
@@ -128,7 +128,7 @@ def guided_model(model: LoadedModel, cfg: DictConfig) -> tuple[nn.Module, Tensor
     from diffexp.build.runs import guided_denoiser, sampling_labels
 
     denoiser = guided_denoiser(model, cfg)
-    return denoiser, sampling_labels(cfg, model, max(int(cfg.n_samples), 1), cfg.device)
+    return denoiser, sampling_labels(cfg, model, denoiser, max(int(cfg.n_samples), 1), cfg.device)
 
 
 def _sample_report(
@@ -386,13 +386,6 @@ def main(cfg: DictConfig) -> None:
         check_eval(cfg)
         check_request(cfg)
         evaluate(cfg, overrides=task_overrides())
-
-
-def task_overrides() -> list[str]:
-    """The command line's overrides of the running Hydra job (none outside one)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def run() -> None:

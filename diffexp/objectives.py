@@ -3,7 +3,7 @@
     python -m diffexp.objectives                                   # the default objective
     python -m diffexp.objectives experiment=edm
     python -m diffexp.objectives -m experiment=edm,rectified_flow,sigmoid parameterization=eps
-    python -m diffexp.objectives --out docs/objectives schedule=cosine weighting=unit
+    python -m diffexp.objectives --out docs schedule=cosine weighting=unit
     python -m diffexp.objectives experiment=edm,sigmoid --also parameterization=v weighting=unit
 
 Every objective is a weighted ELBO, 1/2 int w(lambda) E||eps_hat - eps||^2 dlambda (MATH.md
@@ -134,6 +134,7 @@ def implied_weightings(
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
     """Hydra's sweep syntax (a=x,y b=z) -> one override list per combination."""
+    # Hydra's own sweep expansion (no public API expands a -m command line without running it)
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 

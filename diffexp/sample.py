@@ -14,10 +14,10 @@ from omegaconf import DictConfig
 
 from diffexp.build.checks import check_sample
 from diffexp.build.runs import check_request
-from diffexp.cli import CONF_DIR, refusing_bad_input, run_cli
+from diffexp.cli import CONF_DIR, refusing_bad_input, run_cli, task_overrides
 
 # torch, Lightning and the samplers are imported in ``sample``: a refusal of the command line
-# (config_checks, runs.check_request) comes before them, in about a second
+# (build.checks, build.runs.check_request) comes before them, in about a second
 
 
 def sample(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
@@ -40,7 +40,7 @@ def sample(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
     sampler = build_sampler(cfg.sampler, cfg.get("steps"))
     denoiser = guided_denoiser(model, cfg)
     n = int(cfg.n_samples)
-    y = sampling_labels(cfg, model, n, cfg.device)
+    y = sampling_labels(cfg, model, denoiser, n, cfg.device)
     out_dir.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator(device=cfg.device).manual_seed(int(cfg.seed))
     with torch.no_grad():
@@ -68,13 +68,6 @@ def sample(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
     log.info("wrote %s (%d samples, NFE %d)", path, x.shape[0], result.nfe)
     print(f"wrote {path} ({x.shape[0]} samples, {sampler!r}, NFE {result.nfe})")
     return path
-
-
-def task_overrides() -> list[str]:
-    """The command line's overrides of the running Hydra job (none outside one)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")

@@ -1,4 +1,5 @@
-"""Test set-up: no test may touch the network, W&B stays offline, float64 helpers."""
+"""Test set-up: no test may touch the network, W&B stays offline, and the `compose` fixture
+composes a config whose run writes under the test's tmp_path (helpers: tests/helpers.py)."""
 
 from __future__ import annotations
 

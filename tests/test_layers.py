@@ -128,3 +128,15 @@ def test_every_module_imports_only_its_layer_and_those_below(name):
     layer = _layer(name)
     upward = [d for d in _diffexp_deps(name) if _layer(d) > layer]
     assert not upward, f"{name} (layer {layer}) imports {upward} from above it"
+
+
+CONFIG_FRAMEWORKS = ("hydra", "omegaconf")
+
+
+@pytest.mark.parametrize("layer", ["diffexp.data", "diffexp.networks"])
+def test_data_and_networks_import_no_config_framework(layer):
+    """Data modules and networks are built from their constructor arguments (Hydra calls them);
+    they never read a config themselves."""
+    for name in (n for n in MODULES if n == layer or n.startswith(layer + ".")):
+        roots = {m.split(".")[0] for m in _imported(name, MODULES[name])}
+        assert not roots & set(CONFIG_FRAMEWORKS), (name, roots & set(CONFIG_FRAMEWORKS))

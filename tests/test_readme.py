@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, compose_config
+from diffexp.objectives import expand_sweep
+from tests.helpers import CONF, ROOT, compose_config, conf_options
 
 README = ROOT / "README.md"
 PACKAGE = ROOT / "diffexp"
@@ -177,15 +178,6 @@ def _fill(args: list[str]) -> list[str]:
     return filled
 
 
-def _expand_sweep(overrides: list[str]) -> list[list[str]]:
-    """Hydra's own sweep expansion (``a=x,y b=z`` -> one override list per combination)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    return [combo for batch in BasicSweeper.split_arguments(parsed, None) for combo in batch]
-
-
 def _installed(module: str) -> bool:
     try:
         __import__(module)
@@ -229,7 +221,7 @@ def test_shown_command_composes(cmd: Command):
     overrides = [a for a in args if a not in ("-m", "--multirun")]
     assert not [a for a in overrides if a.startswith("-")], f"unexpected flag in {cmd.args}"
     overrides = _without_missing_plugins(overrides)
-    for combo in _expand_sweep(overrides) if multirun else [overrides]:
+    for combo in expand_sweep(overrides) if multirun else [overrides]:
         cfg = compose_config(HYDRA_ENTRIES[cmd.entry], combo)
         assert cfg.task_name == cmd.entry
 
@@ -369,6 +361,23 @@ def _layout_paths() -> tuple[set[str], set[str]]:
     return top, named | top
 
 
+def test_layout_names_every_module_of_each_package():
+    """Each package's entry in the Layout block names all of its modules (case aside)."""
+    entries: dict[str, str] = {}
+    for line in _layout_block().splitlines():
+        if line.startswith("  ") and not line.startswith("    "):
+            lead = line.split()[0]
+            entries[lead] = line
+        elif line.startswith("    ") and entries:
+            entries[list(entries)[-1]] += " " + line.strip()
+    for package in sorted(p.parent for p in PACKAGE.glob("*/__init__.py")):
+        text = entries[f"{package.name}/"].lower().replace("_", " ")
+        for module in package.rglob("*.py"):
+            if module.name != "__init__.py":
+                stem = module.stem.lower().replace("_", " ")
+                assert stem in text, f"{module.stem} of {package.name}/"
+
+
 def test_layout_names_the_package():
     top, named = _layout_paths()
     assert len(top) >= 10, top  # the parser found the block's entries
@@ -378,3 +387,27 @@ def test_layout_names_the_package():
     absent = sorted(p for p in named if not (ROOT / p.rstrip("/")).exists())
     assert not missing, f"in diffexp/ but not in the README's Layout: {missing}"
     assert not absent, f"named in the README's Layout but not there: {absent}"
+
+
+def test_the_config_group_table_lists_every_option_of_conf():
+    """Each row of the README's config-group table names exactly the options of its conf/
+    folders (rows of several groups separate them with " / ")."""
+    section = README.read_text().split("### Config groups", 1)[1].split("\n### ", 1)[0]
+    rows = [r for r in section.splitlines() if r.startswith("| `")]
+    checked = set()
+    for row in rows:
+        groups_cell, options_cell = (c.strip() for c in row.strip("|").split("|")[:2])
+        groups = re.findall(r"`([\w/]+)`", groups_cell)
+        parts = options_cell.split(" / ") if len(groups) > 1 else [options_cell]
+        assert len(parts) == len(groups), row
+        for group, part in zip(groups, parts, strict=True):
+            options = set(re.findall(r"`(\w+)`", re.sub(r"\(.*?\)", "", part)))
+            if group in ("experiment", "hparams_search", "debug"):  # presets: listed in part
+                assert options <= set(conf_options(group)), (group, options)
+            else:
+                assert options == set(conf_options(group)), (group, options)
+            checked.add(group)
+    groups_in_conf = {
+        p.name for p in CONF.iterdir() if p.is_dir() and p.name not in {"hydra", "paths"}
+    }
+    assert checked == groups_in_conf, groups_in_conf ^ checked

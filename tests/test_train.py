@@ -18,7 +18,7 @@ from diffexp.build.factory import build_module
 from diffexp.data.datamodules import VectorDataModule
 from diffexp.train import train
 from diffexp.training.diffusion_module import NonFiniteLossError
-from tests.helpers import ROOT
+from tests.helpers import ROOT, conf_options
 
 COMBOS = [
     ["parameterization=x0", "weighting=elbo", "schedule=cosine"],
@@ -157,7 +157,7 @@ SMOKE = [
 ]
 # every debug option from the command line: fdr with each objective command, the others alone
 # (short is the training of test_train_eval_sample_as_a_user_would, also a subprocess)
-DEBUG_OPTIONS = sorted(p.stem for p in (ROOT / "conf" / "debug").glob("*.yaml"))
+DEBUG_OPTIONS = conf_options("debug")
 DEBUG_RUNS = [("fdr", o) for o in SMOKE] + [
     (d, []) for d in DEBUG_OPTIONS if d not in ("fdr", "short")
 ]
@@ -238,3 +238,6 @@ def test_console_scripts_find_the_configs_and_exit_as_python_m_does(tmp_path):
     for name in ("diffexp-sample", "diffexp-train-classifier", "diffexp-train-features"):
         proc = script(name, "--cfg", "job")  # composes the config and prints it
         assert proc.returncode == 0 and "seed" in proc.stdout, (name, proc.stderr[-3000:])
+    for name in ("diffexp-compare", "diffexp-objectives"):  # argparse entry points
+        proc = script(name, "--help")
+        assert proc.returncode == 0 and f"python -m diffexp.{name[8:]}" in proc.stdout, name

@@ -2,6 +2,6 @@
 
 ``checks`` (options refused before any compute), ``factory`` (datamodule, network, denoiser,
 DiffusionModule, sampler), ``guidance_specs`` (what ``conf/guidance`` instantiates: how a
-denoiser is wrapped for sampling), ``runs`` (loading a trained run for eval and sample). The only
-layer besides the entry points that instantiates Hydra configs.
+denoiser is wrapped for sampling), ``runs`` (loading a trained run for eval and sample). The
+Trainer, its loggers and callbacks are made for a run by ``training.loggers.training_run``.
 """

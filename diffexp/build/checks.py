@@ -110,7 +110,7 @@ def interpolated(cfg: DictConfig, key: str) -> bool:
             return False
         if OmegaConf.is_interpolation(node, part):
             return True
-        node = node._get_node(part)
+        node = node._get_node(part)  # OmegaConf's only accessor that does not resolve
     return False
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffexp.build.checks import check_schedule_options
@@ -15,6 +16,7 @@ from diffexp.build.guidance_specs import NoGuidance
 from diffexp.cli import CONF_DIR, ConfigError
 from diffexp.diffusion.denoiser import Denoiser
 from diffexp.diffusion.elbo import gaussian_reconstruction_nll
+from diffexp.networks.oracle import Oracle
 from diffexp.training.diffusion_module import DiffusionModule
 
 
@@ -52,21 +54,31 @@ def build_guidance(cfg: DictConfig, datamodule: Any) -> Any:
     return spec
 
 
-def labelled_data_options(cfg: DictConfig) -> list[str]:
-    """The ``data=`` options whose data module has labels (``num_classes`` > 0), found by building
-    each option of ``conf/data`` in ``cfg`` (for error messages: it takes a second)."""
+def data_options(cfg: DictConfig, has: Callable[[Any], bool]) -> list[str]:
+    """The ``data=`` options of conf/data whose data module ``has`` what is asked, found by
+    building each in ``cfg`` (for error messages: it takes a second)."""
     base = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     OmegaConf.set_struct(base, False)
-    labelled = []
+    found = []
     for path in sorted(Path(CONF_DIR, "data").glob("*.yaml")):
         base.data = OmegaConf.load(path)
         try:
             datamodule = build_datamodule(base.data)
         except Exception:  # an option that cannot be built here is not offered
             continue
-        if getattr(datamodule, "num_classes", 0):
-            labelled.append(path.stem)
-    return labelled
+        if has(datamodule):
+            found.append(path.stem)
+    return found
+
+
+def labelled_data_options(cfg: DictConfig) -> list[str]:
+    """The ``data=`` options with labels (``num_classes`` > 0)."""
+    return data_options(cfg, lambda dm: getattr(dm, "num_classes", 0) > 0)
+
+
+def mixture_data_options(cfg: DictConfig) -> list[str]:
+    """The ``data=`` options with an exact density (a Gaussian mixture: the oracle's data)."""
+    return data_options(cfg, lambda dm: getattr(dm, "mixture", None) is not None)
 
 
 def fixed_schedule(name: str, log_snr_max: float, log_snr_min: float) -> torch.nn.Module:
@@ -81,17 +93,10 @@ def build_network(
 ) -> torch.nn.Module:
     """The network; ``dim``, ``in_channels``, ``image_size`` left null come from the data module,
     and ``num_classes`` too when the network is ``conditional`` (0 otherwise)."""
-    if str(cfg_network.get("_target_", "")).endswith("Oracle"):
-        mixture = getattr(datamodule, "mixture", None)
-        if mixture is None:
-            raise ConfigError(
-                f"network=oracle needs a data set with a known density; "
-                f"{type(datamodule).__name__}({getattr(datamodule, 'name', '')}) has none. "
-                "Use data=ring8, data=grid25 or data=mixture1d, or a trained network (network=mlp)."
-            )
+    if issubclass(get_class(cfg_network._target_), Oracle):
         return instantiate(
             cfg_network,
-            mixture=mixture,
+            mixture=datamodule.mixture,
             parameterization=parameterization,
             conditional=conditional,
         )
@@ -133,6 +138,14 @@ def _square_size(shape: tuple[int, ...]) -> int:
 def build_denoiser(cfg: DictConfig, datamodule: Any, guidance: Any = None) -> Denoiser:
     """network + parameterization + schedule, checked on a dummy batch of the data's shape;
     ``guidance``: the built guidance spec (built here when not given)."""
+    no_density = getattr(datamodule, "mixture", None) is None
+    if issubclass(get_class(cfg.network._target_), Oracle) and no_density:
+        raise ConfigError(
+            f"network=oracle needs a data set with a known density; "
+            f"{type(datamodule).__name__}({getattr(datamodule, 'name', '')}) has none. Use "
+            f"{' or '.join(f'data={d}' for d in mixture_data_options(cfg))}, or a trained "
+            "network (network=mlp)."
+        )
     schedule = instantiate(cfg.schedule)
     parameterization = instantiate(cfg.parameterization)
     guidance = guidance or build_guidance(cfg, datamodule)

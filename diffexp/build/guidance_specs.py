@@ -17,14 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from diffexp.cli import ConfigError
+from diffexp.cli import TRAIN_CLASSIFIER, ConfigError
 
 if TYPE_CHECKING:
     from torch import nn
 
     from diffexp.diffusion.denoiser import Denoiser
-
-TRAIN_CLASSIFIER = "python -m diffexp.train_classifier data=<the model's data>"
 
 
 def check_classifier_option(classifier: Any) -> None:

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from diffexp.build.guidance_specs import TRAIN_CLASSIFIER, check_classifier_option
-from diffexp.cli import ConfigError
+from diffexp.build.guidance_specs import check_classifier_option
+from diffexp.cli import TRAIN_CLASSIFIER, ConfigError
 from diffexp.training.resume import checkpoints_in
 
 if TYPE_CHECKING:
@@ -72,9 +73,9 @@ def check_request(cfg: DictConfig) -> None:
             "(it uses <folder>/checkpoints/last.ckpt) or ckpt=<checkpoint file>, not both."
         )
     chosen_labels(cfg)
-    guidance = cfg.get("guidance")
-    if guidance and str(guidance.get("_target_", "")).endswith("ClassifierGuided"):
-        check_classifier_option(guidance.get("classifier"))
+    spec = instantiate(cfg.guidance) if cfg.get("guidance") else None  # a spec: no I/O
+    if spec is not None and spec.needs_classifier:
+        check_classifier_option(spec.classifier)
     device = str(cfg.get("device", "cpu"))
     if device.startswith("cuda"):
         import torch
@@ -382,22 +383,24 @@ def guided_denoiser(model: LoadedModel, cfg: DictConfig) -> nn.Module:
             "guidance=cfg."
         )
     classifier = (
-        load_classifier(spec.classifier, model.datamodule) if spec.needs_classifier else None
+        load_classifier(spec.classifier, model.datamodule, cfg) if spec.needs_classifier else None
     )
     return spec.wrap(model.denoiser, classifier)
 
 
-def load_classifier(option: str | None, datamodule: Any) -> nn.Module:
+def load_classifier(option: str | None, datamodule: Any, cfg: DictConfig) -> nn.Module:
     """The noisy classifier of ``guidance.classifier``: the mixture's exact one (``oracle``), or
     a checkpoint of ``python -m diffexp.train_classifier`` (a file or its run folder)."""
     check_classifier_option(option)
     if option == "oracle":
         mixture = getattr(datamodule, "mixture", None)
         if mixture is None:
+            from diffexp.build.factory import mixture_data_options
+
             raise ConfigError(
-                "guidance.classifier=oracle needs a Gaussian-mixture data set (ring8, grid25, "
-                f"mixture1d); train a classifier with `{TRAIN_CLASSIFIER}` and pass "
-                "guidance.classifier=<its checkpoints/last.ckpt>"
+                "guidance.classifier=oracle needs a Gaussian-mixture data set "
+                f"({', '.join(mixture_data_options(cfg))}); train a classifier with "
+                f"`{TRAIN_CLASSIFIER}` and pass guidance.classifier=<its checkpoints/last.ckpt>"
             )
         from diffexp.networks.oracle import OracleClassifier
 
@@ -407,16 +410,19 @@ def load_classifier(option: str | None, datamodule: Any) -> nn.Module:
     return load_noisy_classifier(str(option))
 
 
-def sampling_labels(cfg: DictConfig, model: LoadedModel, n: int, device: str) -> Tensor | None:
-    """Labels to sample: ``label=k`` for all, ``labels=[...]`` cycled, else every class cycled;
-    None for an unconditional, unguided model."""
+def sampling_labels(
+    cfg: DictConfig, model: LoadedModel, denoiser: nn.Module, n: int, device: str
+) -> Tensor | None:
+    """Labels to sample from ``denoiser`` (the model as ``guided_denoiser`` wrapped it):
+    ``label=k`` for all, ``labels=[...]`` cycled, else every class cycled; None for an
+    unconditional, unguided model."""
     import torch
 
     num_classes = getattr(model.datamodule, "num_classes", 0)
     conditional = bool(getattr(model.denoiser.network, "num_classes", 0))
-    from diffexp.build.factory import build_guidance
+    from diffexp.diffusion.guidance import GuidedDenoiser
 
-    guided = build_guidance(cfg, model.datamodule).needs_labels
+    guided = isinstance(denoiser, GuidedDenoiser)
     chosen = chosen_labels(cfg)
     asked = f"label={cfg.label}" if cfg.get("label") is not None else f"labels={_show(cfg.labels)}"
     if chosen is not None and not (conditional or guided):

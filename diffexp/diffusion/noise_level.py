@@ -3,7 +3,7 @@
 x_t = a x0 + s eps with a^2 = sigmoid(lambda), s^2 = sigmoid(-lambda), lambda = log(a^2 / s^2):
 every coefficient the samplers, the ELBO, the parameterizations and the Gaussian-mixture oracle
 need follows from lambda alone. ``NoiseLevel(lambda)`` computes each one once, on first use,
-elementwise, in lambda's dtype, in the numerically stable form the code has always used (so
+elementwise, in lambda's dtype, in a numerically stable form (so
 ``NoiseLevel(lam).s`` is bit for bit ``torch.sigmoid(-lam).sqrt()``): sigmoid(lambda) and
 sigmoid(-lambda) for a^2 and s^2 (never 1 - the other, which cancels at either end), logsigmoid
 for their logs, exp(-lambda / 2) for sigma.

@@ -389,7 +389,7 @@ class ProbabilityFlowODE(Sampler):
     time_grid: str = "karras"
 
     def check(self):
-        """DPM-Solver++(2M) is its own sampler now."""
+        """DPM-Solver++(2M) is its own sampler (DPMSolverPP2M), not a solver of this ODE."""
         if self.solver == "dpmpp_2m":
             raise ValueError(
                 "ProbabilityFlowODE has no solver 'dpmpp_2m': DPM-Solver++(2M) is the sampler "

@@ -3,8 +3,8 @@
 Both networks take ``(x_t, log_snr) -> logits [B, num_classes]`` and are conditioned on the
 scaled log-SNR through ``LogSNREmbedding``, added inside every block, so one classifier serves
 every noise level. Activations are smooth (SiLU): guidance differentiates log_softmax w.r.t. x_t.
-``auto_noisy_classifier`` picks one from the data's shape (``classifier=auto``); ``spec()`` gives
-what a checkpoint stores to rebuild a classifier.
+``auto_noisy_classifier`` picks one from the data's shape (``classifier=auto``); ``classifier_spec``
+gives what a checkpoint stores to rebuild a classifier.
 """
 
 from __future__ import annotations

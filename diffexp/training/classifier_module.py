@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffexp.cli import TRAIN_CLASSIFIER
 from diffexp.data.datamodules import split_batch
 from diffexp.diffusion.elbo import diffuse, stratified_times
 from diffexp.diffusion.schedules import Schedule
@@ -44,7 +45,6 @@ NETWORK_KEY = "classifier_network"
 CLASSIFIER_CLASSES: dict[str, type[nn.Module]] = {
     f"{cls.__module__}.{cls.__qualname__}": cls for cls in (NoisyMLPClassifier, NoisyConvClassifier)
 }
-TRAIN_COMMAND = "python -m diffexp.train_classifier data=<labelled data set>"
 
 
 def accuracy_band_name(lo: float, hi: float) -> str:
@@ -163,8 +163,9 @@ def resolve_classifier_checkpoint(path: str | Path) -> Path:
         path = path / "checkpoints" / "last.ckpt"
     if not path.is_file():
         raise FileNotFoundError(
-            f"noisy classifier checkpoint {path} does not exist; make one with `{TRAIN_COMMAND}` "
-            "(it writes <run folder>/checkpoints/last.ckpt) and pass that file or the run folder"
+            f"noisy classifier checkpoint {path} does not exist; make one with "
+            f"`{TRAIN_CLASSIFIER}` (it writes <run folder>/checkpoints/last.ckpt) and pass that "
+            "file or the run folder"
         )
     return path
 
@@ -193,7 +194,7 @@ def load_noisy_classifier(path: str | Path, device: str | torch.device = "cpu") 
     if not isinstance(spec, dict):
         raise ValueError(
             f"{path} is not a noisy-classifier checkpoint (its config has no {NETWORK_KEY!r}); "
-            f"make one with `{TRAIN_COMMAND}`"
+            f"make one with `{TRAIN_CLASSIFIER}`"
         )
     classifier = build_classifier_from_spec(spec)
     prefix = "classifier."

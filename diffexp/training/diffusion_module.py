@@ -26,7 +26,7 @@ from diffexp.diffusion.elbo import ReconstructionNLL, gaussian_reconstruction_nl
 from diffexp.diffusion.loss import HEAVY_TAILED_SPREAD, LossOutput, WeightedLoss
 from diffexp.diffusion.noise_sampling import NoiseSampling, ScheduleTimes
 from diffexp.diffusion.schedules import Learned, Schedule
-from diffexp.diffusion.weighting import Weighting
+from diffexp.diffusion.weighting import ELBO, Weighting
 from diffexp.training.optim import EMAUpdate, optimizers_with_schedule
 from diffexp.training.resume import data_position, reopen_stopped_epoch, start_next_epoch
 
@@ -186,7 +186,7 @@ class DiffusionModule(pl.LightningModule):
 
     def _is_logging_step(self) -> bool:
         """Whether the loggers will write this step (``self.log`` costs ~0.5 ms a call on CPU)."""
-        trainer = self._trainer
+        trainer = self._trainer  # the public .trainer raises when the module is not attached
         if trainer is None or trainer.fast_dev_run:
             return True
         # Lightning's own rule, from public attributes (its counter equals global_step here)
@@ -322,7 +322,7 @@ def warn_heavy_tailed_weights(
 
 def check_variance_objective(weighting: Weighting, T: int) -> None:
     """VDM's variance objective needs the continuous-time ELBO: refuse anything else."""
-    if weighting.name != "elbo":
+    if not isinstance(weighting, ELBO):
         raise ValueError(
             "schedule.interior_objective=variance minimizes the variance of the ELBO's "
             f"diffusion term, but weighting={weighting.name} does not train on the ELBO; "

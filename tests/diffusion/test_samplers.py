@@ -29,7 +29,7 @@ from diffexp.diffusion.samplers import (
     time_grid,
 )
 from diffexp.metrics.sliced_wasserstein import sliced_wasserstein
-from tests.helpers import ENDS, ROOT, conf_option, conf_options, oracle_denoiser
+from tests.helpers import CONF, ENDS, conf_option, conf_options, oracle_denoiser
 
 N = 4000
 LAST = "last_step"
@@ -109,7 +109,7 @@ CONVERGED = {
     "ode-heun": ProbabilityFlowODE(
         steps=50, solver="heun", time_grid="karras", final_denoise=LAST
     ),  # 99
-    "ode-dpmpp_2m": DPMSolverPP2M(steps=100, time_grid="log_snr", final_denoise=LAST),  # 100
+    "dpmpp_2m": DPMSolverPP2M(steps=100, time_grid="log_snr", final_denoise=LAST),  # 100
     "ode-dopri5": ProbabilityFlowODE(solver="dopri5", rtol=1e-4, atol=1e-4),  # ~75
     "ode-rk4": ProbabilityFlowODE(
         steps=20, solver="rk4", time_grid="log_snr", final_denoise=LAST
@@ -372,8 +372,8 @@ def test_the_callbacks_x0_hat_is_the_denoisers_at_the_steps_start(den):
 
 
 def test_every_sampler_config_instantiates_with_a_steps_override():
-    conf = ROOT / "conf" / "sampler"
-    names = sorted(p.stem for p in conf.glob("*.yaml"))
+    conf = CONF / "sampler"
+    names = conf_options("sampler")
     assert {"ancestral", "ddim", "sde", "ode", "dpmpp_2m", "langevin", "pc"} <= set(names)
     for path in sorted(conf.glob("*.yaml")):
         assert path.read_text().startswith("#"), path

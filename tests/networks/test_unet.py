@@ -120,13 +120,21 @@ def test_wrong_input_shape_is_refused():
             net(torch.randn(*shape), torch.zeros(2))
 
 
-@pytest.mark.parametrize("name", [n for n in conf_options("network") if n.startswith("unet")])
+# (channels, size) each UNet preset is built at: a new preset needs its row here
+UNET_SIZES = {"unet": [(3, 32)], "unet_small": [(1, 8), (1, 16)]}
+
+
+def test_every_unet_preset_is_tested():
+    assert set(UNET_SIZES) == {n for n in conf_options("network") if n.startswith("unet")}
+
+
+@pytest.mark.parametrize("name", sorted(UNET_SIZES))
 def test_presets_build(name):
     cfg = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
     assert cfg.pop("_target_") == "diffexp.networks.unet.UNet"
     # filled from the data module (num_classes only for a conditional network, else 0)
     assert cfg["in_channels"] is None and cfg["image_size"] is None and cfg["num_classes"] is None
-    sizes = {"unet": [(3, 32)], "unet_small": [(1, 8), (1, 16)]}[name]
+    sizes = UNET_SIZES[name]
     for channels, size in sizes:
         net = UNet(**{**cfg, "in_channels": channels, "image_size": size, "num_classes": 0})
         n_params = sum(p.numel() for p in net.parameters())
