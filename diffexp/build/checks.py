@@ -243,14 +243,35 @@ SAMPLE_RULES: tuple[Rule, ...] = (
 )
 
 
+def check_samplers(cfg: DictConfig, keys: Sequence[str]) -> None:
+    """Refuse a sampler whose settings its class refuses (a plain dataclass: building it costs
+    nothing), naming the key; before any model is built or trained."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    for key in keys:
+        node = OmegaConf.select(cfg, key)
+        if node is None:
+            continue
+        try:
+            instantiate(node)
+        except InstantiationException as err:
+            reason = err.__cause__ or err
+            raise ConfigError(
+                f"{key}: {reason}. Fix the setting on the command line ({key}.<setting>=...)."
+            ) from None
+
+
 def check_train(cfg: DictConfig) -> None:
     """Refuse a training config whose values are of the wrong type or out of range."""
     check_rules(cfg, TRAIN_RULES)
+    check_samplers(cfg, ["sampler", "callbacks.samples.sampler"])
 
 
 def check_eval(cfg: DictConfig) -> None:
     """Refuse an evaluation config whose values are of the wrong type or out of range."""
     check_rules(cfg, EVAL_RULES)
+    check_samplers(cfg, ["sampler"])
     names = OmegaConf.select(cfg, "estimators.schedules") or []
     if names:
         check_schedule_options(list(names), "estimators.schedules")
@@ -259,6 +280,7 @@ def check_eval(cfg: DictConfig) -> None:
 def check_sample(cfg: DictConfig) -> None:
     """Refuse a sampling config whose values are of the wrong type or out of range."""
     check_rules(cfg, SAMPLE_RULES)
+    check_samplers(cfg, ["sampler"])
 
 
 def fixed_schedule_options() -> list[str]:

@@ -190,6 +190,8 @@ class Sampler:
             raise ValueError(
                 f"final_denoise must be one of {list(FINAL_DENOISE)}, got {self.final_denoise!r}"
             )
+        if self.steps is not None and int(self.steps) < 1:
+            raise ValueError(f"steps must be a positive number of steps, got {self.steps}")
         self.check()
 
     def check(self) -> None:
@@ -357,6 +359,7 @@ class ReverseSDE(Sampler):
 
 FIXED_STEP_SOLVERS = ("heun", "euler")
 TORCHDIFFEQ_FIXED_GRID = ("midpoint", "rk4", "heun2", "heun3", "explicit_adams", "implicit_adams")
+TORCHDIFFEQ_ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 _SHOWN_IF_ADAPTIVE = {"show": lambda sampler: sampler.adaptive}
 
 
@@ -395,6 +398,11 @@ class ProbabilityFlowODE(Sampler):
                 "ProbabilityFlowODE has no solver 'dpmpp_2m': DPM-Solver++(2M) is the sampler "
                 "DPMSolverPP2M (sampler=dpmpp_2m)"
             )
+        valid = (*FIXED_STEP_SOLVERS, *TORCHDIFFEQ_FIXED_GRID, *TORCHDIFFEQ_ADAPTIVE)
+        if self.solver not in valid:
+            raise ValueError(f"unknown ODE solver {self.solver!r}; valid: {list(valid)}")
+        if not (self.rtol > 0 and self.atol > 0):
+            raise ValueError(f"rtol and atol must be positive, got {self.rtol}, {self.atol}")
 
     @property
     def adaptive(self) -> bool:
@@ -489,6 +497,14 @@ class AnnealedLangevin(Sampler):
     time_grid: str = "log_snr"
     steps: int | None = field(default=None, metadata=_HIDDEN)  # None: ``levels``
 
+    def check(self):
+        """A positive step scale and at least one update per level."""
+        if not self.step_scale > 0 or int(self.steps_per_level) < 1:
+            raise ValueError(
+                f"Langevin needs step_scale > 0 and steps_per_level >= 1, got "
+                f"{self.step_scale} and {self.steps_per_level}"
+            )
+
     def __setattr__(self, name: str, value) -> None:
         """``steps`` and ``levels`` are set together; ``steps=None`` changes neither."""
         if name in ("steps", "levels"):
@@ -536,6 +552,11 @@ class PredictorCorrector(Sampler):
             raise ValueError(f"unknown predictor {self.predictor!r}; valid: {list(PREDICTORS)}")
         if self.step_size not in STEP_SIZES:
             raise ValueError(f"unknown step_size {self.step_size!r}; valid: {list(STEP_SIZES)}")
+        if int(self.corrector_steps) < 0 or not self.snr > 0:
+            raise ValueError(
+                f"the corrector needs corrector_steps >= 0 and snr > 0, got "
+                f"{self.corrector_steps} and {self.snr}"
+            )
 
     @cached_property
     def predictor_sampler(self) -> Sampler:

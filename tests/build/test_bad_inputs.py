@@ -172,6 +172,14 @@ CASES: list[Case] = [
     ),
     # train: values of the wrong type or out of range, refused from the config alone
     Case("train_sampler_steps_0", "train", _plain("sampler.steps=0"), "sampler.steps=0"),
+    # a setting the sampler's class refuses, checked by building the sampler before any compute
+    Case("train_pc_snr_negative", "train", _plain("sampler=pc", "sampler.snr=-1"), "snr > 0"),
+    Case(
+        "sample_ode_solver_unknown",
+        "sample",
+        _plain("network=oracle", "sampler=ode", "sampler.solver=bogus"),
+        "unknown ODE solver 'bogus'",
+    ),
     Case("train_model_T_negative", "train", _plain("model.T=-1"), "model.T=-1"),
     Case("train_ema_decay_above_1", "train", _plain("model.ema_decay=1.5"), "model.ema_decay=1.5"),
     Case("train_max_steps_text", "train", _plain("trainer.max_steps=abc"), "trainer.max_steps"),

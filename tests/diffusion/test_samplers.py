@@ -273,6 +273,25 @@ def test_reprs_name_the_sampler_and_its_settings():
         PredictorCorrector(predictor="heun")
 
 
+INVALID_SETTINGS = [
+    (Ancestral, {"steps": 0}, "steps"),
+    (DDIM, {"steps": -5}, "steps"),
+    (AnnealedLangevin, {"levels": 0}, "steps"),
+    (ProbabilityFlowODE, {"solver": "bogus"}, "unknown ODE solver"),
+    (ProbabilityFlowODE, {"solver": "dopri5", "rtol": 0.0}, "rtol"),
+    (PredictorCorrector, {"corrector_steps": -1}, "corrector_steps"),
+    (PredictorCorrector, {"snr": -1.0}, "snr"),
+    (AnnealedLangevin, {"step_scale": -1.0}, "step_scale"),
+    (AnnealedLangevin, {"steps_per_level": 0}, "steps_per_level"),
+]
+
+
+@pytest.mark.parametrize("cls,settings,key", INVALID_SETTINGS, ids=lambda v: str(v))
+def test_invalid_settings_are_refused_at_construction(cls, settings, key):
+    with pytest.raises(ValueError, match=key):
+        cls(**settings)
+
+
 def test_samplers_take_their_settings_by_keyword_and_check_them_in_one_place():
     with pytest.raises(TypeError):
         DDIM(7)  # keyword only
