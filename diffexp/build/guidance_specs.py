@@ -22,7 +22,7 @@ from diffexp.cli import TRAIN_CLASSIFIER, ConfigError
 if TYPE_CHECKING:
     from torch import nn
 
-    from diffexp.diffusion.denoiser import Denoiser
+    from diffexp.diffusion.denoiser import Denoiser, DenoiserLike
 
 
 def check_classifier_option(classifier: Any) -> None:
@@ -65,7 +65,7 @@ class NoGuidance:
     conditional_network = False
     p_uncond = 0.0
 
-    def wrap(self, denoiser: Denoiser, classifier: nn.Module | None = None) -> nn.Module:
+    def wrap(self, denoiser: Denoiser, classifier: nn.Module | None = None) -> DenoiserLike:
         """The denoiser itself."""
         return denoiser
 
@@ -84,7 +84,7 @@ class CFG:
         if not 0.0 < self.p_uncond < 1.0:
             raise ValueError(f"guidance.p_uncond must be in (0, 1), got {self.p_uncond}")
 
-    def wrap(self, denoiser: Denoiser, classifier: nn.Module | None = None) -> nn.Module:
+    def wrap(self, denoiser: Denoiser, classifier: nn.Module | None = None) -> DenoiserLike:
         """w eps(x_t, y) + (1 - w) eps(x_t, null), null = the network's num_classes."""
         from diffexp.diffusion.guidance import ClassifierFreeGuidance
 
@@ -106,7 +106,7 @@ class ClassifierGuided:
     conditional_network = False
     p_uncond = 0.0
 
-    def wrap(self, denoiser: Denoiser, classifier: nn.Module | None = None) -> nn.Module:
+    def wrap(self, denoiser: Denoiser, classifier: nn.Module | None = None) -> DenoiserLike:
         """score + w grad log p_phi(y | x_t), p_phi the loaded ``classifier``."""
         from diffexp.diffusion.guidance import ClassifierGuidance
 

@@ -28,7 +28,7 @@ from diffexp.training.resume import checkpoints_in
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
-    from diffexp.diffusion.denoiser import Denoiser
+    from diffexp.diffusion.denoiser import Denoiser, DenoiserLike
     from diffexp.diffusion.elbo import ReconstructionNLL
 
 # the parts of an eval / sample config that a checkpoint defines (its stored config is used):
@@ -368,7 +368,7 @@ def load_weights(module: Any, weights: dict[str, Any], where: str, train_cfg: Di
 
 
 # ---------------------------------------------------------------------- guidance and labels
-def guided_denoiser(model: LoadedModel, cfg: DictConfig) -> nn.Module:
+def guided_denoiser(model: LoadedModel, cfg: DictConfig) -> DenoiserLike:
     """The model wrapped by the configured guidance (``guidance=...``; none: as it is), with the
     classifier of classifier guidance loaded here."""
     from diffexp.build.factory import build_guidance

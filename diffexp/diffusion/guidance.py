@@ -1,4 +1,4 @@
-"""Guidance as Denoiser wrappers (MATH.md section 7): each wraps a Denoiser and is one.
+"""Guidance as Denoiser wrappers (MATH.md section 7): each wraps a Denoiser and is DenoiserLike.
 
 - Classifier-free guidance: eps = w eps(x_t, y) + (1 - w) eps(x_t, null), i.e.
   score = w score(x_t, y) + (1 - w) score(x_t, null). **Convention**: w = 0 is the unconditional

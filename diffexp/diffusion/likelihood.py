@@ -36,7 +36,7 @@ import math
 import torch
 from torch import Tensor
 
-from diffexp.diffusion.denoiser import Denoiser
+from diffexp.diffusion.denoiser import DenoiserLike
 from diffexp.diffusion.noise_level import NoiseLevel
 from diffexp.diffusion.samplers import NFECounter, pf_ode_drift_log_snr
 
@@ -75,7 +75,7 @@ def standard_normal_log_prob(x: Tensor) -> Tensor:
 
 
 def ode_log_likelihood(
-    denoiser: Denoiser,
+    denoiser: DenoiserLike,
     x0: Tensor,
     y: Tensor | None = None,
     exact_divergence: bool | None = None,

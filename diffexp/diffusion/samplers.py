@@ -37,7 +37,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from diffexp.diffusion.denoiser import Denoiser, DenoiserOutput
+from diffexp.diffusion.denoiser import DenoiserLike, DenoiserOutput
 from diffexp.diffusion.elbo import posterior
 from diffexp.diffusion.noise_level import NoiseLevel
 from diffexp.diffusion.schedules import Schedule
@@ -123,7 +123,7 @@ class Grid:
 class NFECounter:
     """den(x, y=y, log_snr=lambda), counting every call: the number of function evaluations."""
 
-    def __init__(self, denoiser: Denoiser, y: Tensor | None = None) -> None:
+    def __init__(self, denoiser: DenoiserLike, y: Tensor | None = None) -> None:
         self.denoiser, self.y, self.nfe = denoiser, y, 0
 
     def __call__(self, x: Tensor, log_snr: Tensor) -> DenoiserOutput:
@@ -201,7 +201,7 @@ class Sampler:
     @torch.no_grad()
     def sample(
         self,
-        denoiser: Denoiser,
+        denoiser: DenoiserLike,
         shape: tuple[int, ...],
         y: Tensor | None = None,
         generator: torch.Generator | None = None,
