@@ -152,8 +152,7 @@ SMOKE = [
     [],
     ["experiment=edm"],
     ["experiment=rectified_flow"],
-    ["weighting=sigmoid"],
-    ["noise_sampling=lognormal"],
+    ["weighting=sigmoid", "noise_sampling=lognormal"],
 ]
 # every debug option from the command line: fdr with each objective command, the others alone
 # (short is the training of test_train_eval_sample_as_a_user_would, also a subprocess)

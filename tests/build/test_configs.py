@@ -18,7 +18,7 @@ from diffexp.build.factory import (
     build_sampler,
 )
 from diffexp.training.loggers import CHOICE_GROUPS
-from tests.helpers import conf_options
+from tests.helpers import conf_option, conf_options
 
 GROUPS = [
     *CHOICE_GROUPS,
@@ -143,3 +143,13 @@ def test_a_heavy_tailed_noise_sampling_is_warned_about_and_a_sound_one_is_not(co
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         build_module(cfg, build_datamodule(cfg.data))
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    [(g, o) for g in ("parameterization", "weighting", "noise_sampling") for o in conf_options(g)],
+    ids=str,
+)
+def test_a_parts_name_in_messages_is_its_option_name(group, option):
+    """Error messages say ``weighting=<name>``: the class's ``name`` is the conf file's."""
+    assert conf_option(group, option).name == option
