@@ -24,6 +24,7 @@ from torch import Tensor
 from diffexp.diffusion.denoiser import Denoiser, broadcast_like
 from diffexp.diffusion.noise_level import NoiseLevel
 from diffexp.diffusion.noise_sampling import ScheduleTimes, stratified_times
+from diffexp.diffusion.parameterizations import Parameterization
 
 SCHEDULE_TIMES = ScheduleTimes()
 
@@ -135,13 +136,24 @@ def weighted_denoising_error(
 ) -> tuple[Tensor, Tensor]:
     """exp(log_x0_weight) ||x0 - x0_hat(x_t)||^2 = exp(log_x0_weight) c^2 ||target - out||^2 per
     example at x_t = a x0 + s eps, eps ~ N(0, I) -> (that [n], ||target - out||^2 [n])."""
-    param = denoiser.parameterization
     eps = randn_like(x0, generator)
-    x_t = diffuse(x0, log_snr, eps)
-    pred = denoiser(x_t, y=y, log_snr=log_snr)
+    out = denoiser(diffuse(x0, log_snr, eps), y=y, log_snr=log_snr).out
+    return weighted_error(denoiser.parameterization, x0, eps, log_snr, log_x0_weight, out)
+
+
+def weighted_error(
+    param: Parameterization,
+    x0: Tensor,
+    eps: Tensor,
+    log_snr: Tensor,
+    log_x0_weight: Tensor,
+    out: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """(exp(log_x0_weight) c^2 ||target - out||^2, ||target - out||^2) per example, ``out`` the
+    network's output at x_t = a x0 + s eps."""
     log_w = log_x0_weight + param.log_x0_error_scale2(log_snr)
     target = param.target(x0, eps, broadcast_like(log_snr, x0))
-    squared = sum_except_batch((target - pred.out) ** 2)
+    squared = sum_except_batch((target - out) ** 2)
     return torch.exp(log_w) * squared, squared
 
 

@@ -22,9 +22,12 @@ from torch import Tensor
 from diffexp.diffusion.denoiser import Denoiser
 from diffexp.diffusion.elbo import (
     ReconstructionNLL,
-    endpoint_terms,
+    diffuse,
     gaussian_reconstruction_nll,
+    prior_kl,
+    randn_like,
     weighted_denoising_error,
+    weighted_error,
 )
 from diffexp.diffusion.noise_level import NoiseLevel
 from diffexp.diffusion.noise_sampling import DrawnLevels, NoiseSampling, ScheduleTimes
@@ -73,6 +76,16 @@ class WeightedLoss:
         w = self.weighting.log_weight(inputs)
         return levels.elbo_log_weight() if w is None else levels.elbo_log_weight() + w
 
+    def draw_levels(
+        self, denoiser: Denoiser, x0: Tensor, T: int, generator: torch.Generator | None
+    ) -> tuple[DrawnLevels, Tensor]:
+        """Noise levels lambda ~ p and their log weight log(1/2 (w / p) SNR) per example."""
+        fixed = not self.weighting.trains_schedule
+        with torch.no_grad() if fixed else contextlib.nullcontext():
+            levels = self.noise_sampling.draw(denoiser.schedule, x0.shape[0], T, generator, x0)
+            log_w = self.log_weight_over_density(denoiser, levels, math.prod(x0.shape[1:]))
+        return levels, log_w
+
     def diffusion_loss(
         self,
         denoiser: Denoiser,
@@ -82,10 +95,7 @@ class WeightedLoss:
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(1/2 (w / p) ||eps_hat - eps||^2, ||target - out||^2, lambda), each per example."""
-        fixed = not self.weighting.trains_schedule
-        with torch.no_grad() if fixed else contextlib.nullcontext():
-            levels = self.noise_sampling.draw(denoiser.schedule, x0.shape[0], T, generator, x0)
-            log_w = self.log_weight_over_density(denoiser, levels, math.prod(x0.shape[1:]))
+        levels, log_w = self.draw_levels(denoiser, x0, T, generator)
         est, squared = weighted_denoising_error(denoiser, x0, levels.log_snr, log_w, y, generator)
         return est, squared, levels.log_snr
 
@@ -100,8 +110,9 @@ class WeightedLoss:
     ) -> LossOutput:
         """Mean over the batch of the one-sample loss (for the ELBO: -ELBO in nats)."""
         if self.weighting.includes_endpoint_terms:
-            rec, prior = endpoint_terms(denoiser, x0, y, 1, reconstruction_nll, generator)
-            diffusion, _, lam = self.diffusion_loss(denoiser, x0, y, T, generator)
+            rec, prior, diffusion, lam = self.elbo_in_one_call(
+                denoiser, x0, y, T, reconstruction_nll, generator
+            )
             terms = {"reconstruction": rec.mean(), "prior": prior.mean()}
             terms["diffusion"] = diffusion.mean()
             return LossOutput(
@@ -112,6 +123,36 @@ class WeightedLoss:
         return LossOutput(
             loss=diffusion.mean(), terms={"mse": mse}, diffusion=diffusion, log_snr=lam
         )
+
+    def elbo_in_one_call(
+        self,
+        denoiser: Denoiser,
+        x0: Tensor,
+        y: Tensor | None,
+        T: int,
+        reconstruction_nll: ReconstructionNLL,
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(reconstruction, prior, diffusion, lambda) per example, the reconstruction at x_{t0} and
+        the diffusion term at x_t from one network call on both (the draws in the order of
+        ``endpoint_terms`` then ``diffusion_loss``, so the estimates are theirs)."""
+        n = x0.shape[0]
+        ends = torch.tensor([0.0, 1.0], device=x0.device, dtype=x0.dtype)
+        lam_0, lam_1 = denoiser.schedule.log_snr(ends)
+        x_t0 = diffuse(x0, lam_0, randn_like(x0, generator))
+        levels, log_w = self.draw_levels(denoiser, x0, T, generator)
+        eps = randn_like(x0, generator)
+        x_t = diffuse(x0, levels.log_snr, eps)
+        pred = denoiser(
+            torch.cat([x_t0, x_t]),
+            y=None if y is None else torch.cat([y, y]),
+            log_snr=torch.cat([lam_0.expand(n), levels.log_snr]),
+        )
+        rec = reconstruction_nll(x0, pred.x0_hat[:n], lam_0)
+        diffusion, _ = weighted_error(
+            denoiser.parameterization, x0, eps, levels.log_snr, log_w, pred.out[n:]
+        )
+        return rec, prior_kl(x0, lam_1), diffusion, levels.log_snr
 
     def importance_weight_spread(
         self, parameterization: Parameterization, schedule: Schedule, n_points: int = 2001

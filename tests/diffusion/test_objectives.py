@@ -15,7 +15,7 @@ from torch import nn
 from diffexp.data.mixtures import make_mixture
 from diffexp.diffusion import schedules as S
 from diffexp.diffusion.denoiser import Denoiser, broadcast_like
-from diffexp.diffusion.elbo import diffuse, elbo_terms
+from diffexp.diffusion.elbo import diffuse, elbo_terms, endpoint_terms
 from diffexp.diffusion.loss import WeightedLoss
 from diffexp.diffusion.noise_level import NoiseLevel
 from diffexp.diffusion.noise_sampling import LogitNormal, LogNormal, ScheduleTimes
@@ -416,3 +416,23 @@ def test_objectives_command_refuses_an_unknown_option(tmp_path, capsys):
     assert main(["weighting=sigmoidd", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "sigmoidd" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("param", conf_options("parameterization"))
+@pytest.mark.parametrize("T", [0, 40])
+def test_the_elbo_loss_in_one_network_call_is_the_two_call_estimate(param, T):
+    """Training evaluates the reconstruction at x_{t0} and the diffusion term at x_t in one
+    batched network call; with the same noise it gives what ``endpoint_terms`` and
+    ``diffusion_loss`` give with a call each (float64: to rounding)."""
+    den = _mlp_denoiser(param)
+    x0 = _ring(256, seed=5)
+    loss = WeightedLoss(_weighting("elbo"))
+    one = loss(den, x0, T=T, generator=torch.Generator().manual_seed(11))
+    gen = torch.Generator().manual_seed(11)
+    rec, prior = endpoint_terms(den, x0, None, 1, generator=gen)
+    diffusion, _, lam = loss.diffusion_loss(den, x0, T=T, generator=gen)
+    torch.testing.assert_close(one.log_snr, lam, rtol=0, atol=0)
+    torch.testing.assert_close(one.diffusion, diffusion, rtol=1e-10, atol=1e-12)
+    two = {"reconstruction": rec.mean(), "prior": prior.mean(), "diffusion": diffusion.mean()}
+    for key, value in two.items():
+        torch.testing.assert_close(one.terms[key], value, rtol=1e-10, atol=1e-12)
