@@ -145,10 +145,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--minimal",
+        action="store_true",
+        help="time the minimal loop with overrides too (it is the default run's mathematics)",
+    )
     args, overrides = parser.parse_known_args()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _config(overrides, tmp)
-        minimal_too = not overrides  # the hand-written loop is the default run's mathematics
+        minimal_too = args.minimal or not overrides  # the default run's mathematics
         plain, framework, minimal = [], [], []
         for r in range(args.rounds):
             if minimal_too:

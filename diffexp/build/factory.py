@@ -197,6 +197,7 @@ def build_module(cfg: DictConfig, datamodule: Any) -> DiffusionModule:
             T=model.get("T", 0),
             ema_decay=model.get("ema_decay"),
             schedule_lr=model.get("schedule_lr"),
+            reconstruction=model.get("reconstruction", "denoiser"),
             config=OmegaConf.to_container(cfg, resolve=True),
         )
     except ValueError as err:  # the module refuses a combination of options

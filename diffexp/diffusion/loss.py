@@ -55,13 +55,30 @@ class LossOutput:
     log_snr: Tensor | None = None
 
 
+# the ELBO's reconstruction term in training: x0_hat at x_{t0} from the network ("denoiser", one
+# batched call with the diffusion term), or VDM's decoder mean x_{t0} / a_0 ("latent", no call)
+RECONSTRUCTIONS = ("denoiser", "latent")
+
+
 class WeightedLoss:
     """The objective: a weighting w(lambda), a noise-level density p(lambda) and the Denoiser's
-    parameterization, composed as 1/2 (w / p) ||eps_hat - eps||^2."""
+    parameterization, composed as 1/2 (w / p) ||eps_hat - eps||^2; for the ELBO weighting, the
+    reconstruction term's decoder mean by ``reconstruction`` (RECONSTRUCTIONS)."""
 
-    def __init__(self, weighting: Weighting, noise_sampling: NoiseSampling | None = None) -> None:
+    def __init__(
+        self,
+        weighting: Weighting,
+        noise_sampling: NoiseSampling | None = None,
+        reconstruction: str = "denoiser",
+    ) -> None:
+        if reconstruction not in RECONSTRUCTIONS:
+            raise ValueError(
+                f"model.reconstruction={reconstruction!r} is not a decoder; valid: "
+                f"{', '.join(RECONSTRUCTIONS)}"
+            )
         self.weighting = weighting
         self.noise_sampling = noise_sampling if noise_sampling is not None else ScheduleTimes()
+        self.reconstruction = reconstruction
 
     def log_weight_over_density(self, denoiser: Denoiser, levels: DrawnLevels, dim: int) -> Tensor:
         """log(1/2 (w / p) SNR): the per-example log weight on ||x0 - x0_hat||^2."""
@@ -135,7 +152,8 @@ class WeightedLoss:
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(reconstruction, prior, diffusion, lambda) per example, the reconstruction at x_{t0} and
         the diffusion term at x_t from one network call on both (the draws in the order of
-        ``endpoint_terms`` then ``diffusion_loss``, so the estimates are theirs)."""
+        ``endpoint_terms`` then ``diffusion_loss``, so the estimates are theirs); with
+        ``reconstruction="latent"`` the decoder mean is x_{t0} / a_0 and only x_t is called."""
         n = x0.shape[0]
         ends = torch.tensor([0.0, 1.0], device=x0.device, dtype=x0.dtype)
         lam_0, lam_1 = denoiser.schedule.log_snr(ends)
@@ -143,14 +161,18 @@ class WeightedLoss:
         levels, log_w = self.draw_levels(denoiser, x0, T, generator)
         eps = randn_like(x0, generator)
         x_t = diffuse(x0, levels.log_snr, eps)
-        pred = denoiser(
-            torch.cat([x_t0, x_t]),
-            y=None if y is None else torch.cat([y, y]),
-            log_snr=torch.cat([lam_0.expand(n), levels.log_snr]),
-        )
-        rec = reconstruction_nll(x0, pred.x0_hat[:n], lam_0)
+        if self.reconstruction == "latent":
+            out = denoiser(x_t, y=y, log_snr=levels.log_snr).out
+            rec = reconstruction_nll(x0, x_t0 / NoiseLevel(lam_0).a, lam_0)
+        else:
+            pred = denoiser(
+                torch.cat([x_t0, x_t]),
+                y=None if y is None else torch.cat([y, y]),
+                log_snr=torch.cat([lam_0.expand(n), levels.log_snr]),
+            )
+            out, rec = pred.out[n:], reconstruction_nll(x0, pred.x0_hat[:n], lam_0)
         diffusion, _ = weighted_error(
-            denoiser.parameterization, x0, eps, levels.log_snr, log_w, pred.out[n:]
+            denoiser.parameterization, x0, eps, levels.log_snr, log_w, out
         )
         return rec, prior_kl(x0, lam_1), diffusion, levels.log_snr
 

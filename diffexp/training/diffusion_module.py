@@ -62,11 +62,12 @@ class DiffusionModule(pl.LightningModule):
         config: dict | None = None,
         p_uncond: float = 0.0,
         noise_sampling: NoiseSampling | None = None,
+        reconstruction: str = "denoiser",
     ) -> None:
         super().__init__()
         self.denoiser = denoiser
         self.weighting = weighting
-        self.objective = WeightedLoss(weighting, noise_sampling)
+        self.objective = WeightedLoss(weighting, noise_sampling, reconstruction)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.T = int(T)
