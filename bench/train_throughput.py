@@ -73,6 +73,19 @@ def framework_steps_per_second(cfg, steps: int, warmup: int, out_dir: str) -> fl
     return timer.steps / (timer.end - timer.start)
 
 
+def _index_batches(dm, n: int):
+    """n batches (x0, y) of the in-memory training data, gathered by tensor indexing, a fresh
+    permutation each epoch."""
+    x_train, y_train, batch = dm.x_train, dm.y_train, dm.batch_size
+    per_epoch = x_train.shape[0] // batch
+    for step in range(n):
+        i = step % per_epoch
+        if i == 0:
+            perm = torch.randperm(x_train.shape[0])
+        idx = perm[i * batch : (i + 1) * batch]
+        yield x_train[idx], (None if y_train is None else y_train[idx])
+
+
 def plain_steps_per_second(cfg, steps: int, warmup: int) -> float:
     """The same training in a plain loop: gather, loss, backward, step, EMA."""
     pl.seed_everything(0, verbose=False)
@@ -81,20 +94,10 @@ def plain_steps_per_second(cfg, steps: int, warmup: int) -> float:
     opt_cfg = module.configure_optimizers()
     optimizer = opt_cfg["optimizer"] if isinstance(opt_cfg, dict) else opt_cfg
     scheduler = opt_cfg["lr_scheduler"]["scheduler"] if isinstance(opt_cfg, dict) else None
-    x_train = dm.x_train
-    y_train = dm.y_train
-    batch = dm.batch_size
-    per_epoch = x_train.shape[0] // batch
-    perm = torch.randperm(x_train.shape[0])
     start = None
-    for step in range(steps + warmup):
+    for step, (x0, y) in enumerate(_index_batches(dm, steps + warmup)):
         if step == warmup:
             start = time.perf_counter()
-        i = step % per_epoch
-        if i == 0:
-            perm = torch.randperm(x_train.shape[0])
-        idx = perm[i * batch : (i + 1) * batch]
-        x0, y = x_train[idx], (None if y_train is None else y_train[idx])
         out = module.objective(
             module.denoiser, x0, y, T=module.T, reconstruction_nll=module.reconstruction_nll
         )
@@ -116,16 +119,10 @@ def minimal_steps_per_second(cfg, steps: int, warmup: int) -> float:
     ema = [p.detach().clone() for p in net.parameters()]
     optimizer = torch.optim.Adam(net.parameters(), lr=float(cfg.model.optimizer.lr))
     lam_max, lam_min = float(cfg.data.log_snr_max), float(cfg.data.log_snr_min)
-    x_train, batch = dm.x_train, dm.batch_size
-    per_epoch = x_train.shape[0] // batch
     start = None
-    for step in range(steps + warmup):
+    for step, (x0, _) in enumerate(_index_batches(dm, steps + warmup)):
         if step == warmup:
             start = time.perf_counter()
-        i = step % per_epoch
-        if i == 0:
-            perm = torch.randperm(x_train.shape[0])
-        x0 = x_train[perm[i * batch : (i + 1) * batch]]
         lam = lam_max + (lam_min - lam_max) * torch.rand(x0.shape[0])
         eps = torch.randn_like(x0)
         x_t = torch.sigmoid(lam).sqrt()[:, None] * x0 + torch.sigmoid(-lam).sqrt()[:, None] * eps
