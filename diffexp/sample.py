@@ -17,7 +17,8 @@ from diffexp.build.runs import check_request
 from diffexp.cli import CONF_DIR, refusing_bad_input, run_cli, task_overrides
 
 # torch, Lightning and the samplers are imported in ``sample``: a refusal of the command line
-# (build.checks, build.runs.check_request) comes before them, in about a second
+# (build.checks, build.runs.check_request) comes before them, in about a second (a bad sampler
+# setting, checked by building the sampler, which imports torch: a few seconds)
 
 
 def sample(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:

@@ -1,9 +1,10 @@
 """Checks of a composed config before any compute: a value of the wrong type or out of range is
 refused with the key, the value, the valid range and the fix (``ConfigError``).
 
-Only what the config alone decides is checked here (imports nothing heavy, runs in milliseconds);
-what needs the data or a checkpoint (shapes, labels, a stored config) is checked where those are
-loaded, still before training, evaluation or sampling starts.
+Only what the config alone decides is checked here: the rules in milliseconds; a sampler's own
+settings by building it (a plain dataclass, but its module imports torch) and the estimators'
+schedule names from conf/schedule. What needs the data or a checkpoint (shapes, labels, a stored
+config) is checked where those are loaded, still before training, evaluation or sampling starts.
 """
 
 from __future__ import annotations
