@@ -25,6 +25,7 @@ from diffexp.diffusion.denoiser import Denoiser, broadcast_like
 from diffexp.diffusion.noise_level import NoiseLevel
 from diffexp.diffusion.noise_sampling import ScheduleTimes, stratified_times
 from diffexp.diffusion.parameterizations import Parameterization
+from diffexp.diffusion.schedules import Schedule
 
 SCHEDULE_TIMES = ScheduleTimes()
 
@@ -179,6 +180,12 @@ def denoising_matching(
     return est, lam
 
 
+def endpoint_log_snr(schedule: Schedule, like: Tensor) -> Tensor:
+    """(lambda(0), lambda(1)) in ``like``'s dtype and device (differentiable for a learned
+    schedule)."""
+    return schedule.log_snr(torch.tensor([0.0, 1.0], device=like.device, dtype=like.dtype))
+
+
 def endpoint_terms(
     denoiser: Denoiser,
     x0: Tensor,
@@ -189,8 +196,7 @@ def endpoint_terms(
 ) -> tuple[Tensor, Tensor]:
     """(reconstruction, prior) per example: -log p(x0 | x_{t0}) averaged over n_rec noise draws,
     and KL(q(x_1 | x0) || N(0, I)) in closed form."""
-    ends = torch.tensor([0.0, 1.0], device=x0.device, dtype=x0.dtype)
-    lam_0, lam_1 = denoiser.schedule.log_snr(ends)
+    lam_0, lam_1 = endpoint_log_snr(denoiser.schedule, x0)
     rec = torch.zeros(x0.shape[0], device=x0.device, dtype=x0.dtype)
     for _ in range(n_rec):
         x_t0 = diffuse(x0, lam_0, randn_like(x0, generator))

@@ -23,6 +23,7 @@ from diffexp.diffusion.denoiser import Denoiser
 from diffexp.diffusion.elbo import (
     ReconstructionNLL,
     diffuse,
+    endpoint_log_snr,
     gaussian_reconstruction_nll,
     prior_kl,
     randn_like,
@@ -155,8 +156,7 @@ class WeightedLoss:
         ``endpoint_terms`` then ``diffusion_loss``, so the estimates are theirs); with
         ``reconstruction="latent"`` the decoder mean is x_{t0} / a_0 and only x_t is called."""
         n = x0.shape[0]
-        ends = torch.tensor([0.0, 1.0], device=x0.device, dtype=x0.dtype)
-        lam_0, lam_1 = denoiser.schedule.log_snr(ends)
+        lam_0, lam_1 = endpoint_log_snr(denoiser.schedule, x0)
         x_t0 = diffuse(x0, lam_0, randn_like(x0, generator))
         levels, log_w = self.draw_levels(denoiser, x0, T, generator)
         eps = randn_like(x0, generator)
