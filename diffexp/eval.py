@@ -69,6 +69,7 @@ def elbo_report(model: LoadedModel, cfg: DictConfig) -> dict[str, Any]:
             T=model.T,
             n_t=int(cfg.n_t),
             generator=gen,
+            max_elements=cfg.max_elements,
             reconstruction_nll=model.reconstruction_nll,
         )
         metrics = elbo_metrics(terms, x0[0].numel(), list(cfg.band_edges))
@@ -81,6 +82,7 @@ def elbo_report(model: LoadedModel, cfg: DictConfig) -> dict[str, Any]:
                 exact=True,
                 n_t=1,
                 generator=gen,
+                max_elements=cfg.max_elements,
                 reconstruction_nll=model.reconstruction_nll,
             )
             metrics["elbo_exact_loop_nats"] = exact.elbo

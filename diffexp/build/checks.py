@@ -192,6 +192,14 @@ TRAIN_RULES: tuple[Rule, ...] = (
     Rule("data.batch_size", "int", low=1, fix="Set data.batch_size=512, for example."),
     Rule("data.eval_batch_size", "int", low=1),
     Rule("callbacks.elbo.n_t", "int", low=1, fix="Set callbacks.elbo.n_t=64 (the default)."),
+    Rule(
+        "callbacks.elbo.max_elements",
+        "int",
+        low=0,
+        nullable=True,
+        fix="Set callbacks.elbo.max_elements=null (the device's default) or 0 (one network call "
+        "per noise level).",
+    ),
     Rule("callbacks.samples.n", "int", low=1),
     Rule("callbacks.samples.every_n_epochs", "int", low=0),
     Rule(
@@ -216,6 +224,13 @@ EVAL_RULES: tuple[Rule, ...] = (
         fix="Use split=test (the default) or split=val.",
     ),
     Rule("n_t", "int", low=1, fix="Set n_t=64 (the default)."),
+    Rule(
+        "max_elements",
+        "int",
+        low=0,
+        nullable=True,
+        fix="Set max_elements=null (the device's default) or 0 (one call per noise level).",
+    ),
     Rule("n_samples", "int", low=0, fix="Set n_samples=5000 (the default), or 0 to skip them."),
     Rule("n_projections", "int", low=1),
     Rule("batch_size", "int", low=1, fix="Set batch_size=2000 (the default)."),

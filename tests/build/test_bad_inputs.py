@@ -118,6 +118,7 @@ CASES: list[Case] = [
     Case("sample_label_unconditional", "sample", _run("label=3"), "label=3"),
     # 5. values out of range
     Case("eval_n_t_0", "eval", _plain("n_t=0"), "n_t=0"),
+    Case("eval_max_elements_negative", "eval", _plain("max_elements=-1"), "max_elements=-1"),
     Case("sample_n_samples_negative", "sample", _plain("n_samples=-5"), "n_samples=-5"),
     Case("eval_sampler_steps_0", "eval", _plain("sampler.steps=0"), "sampler.steps=0"),
     Case("eval_run_sampler_steps_0", "eval", _run("sampler.steps=0"), "sampler.steps=0"),
@@ -189,6 +190,12 @@ CASES: list[Case] = [
     Case("train_lr_negative", "train", _plain("model.optimizer.lr=-1"), "model.optimizer.lr"),
     Case("train_batch_size_0", "train", _plain("data.batch_size=0"), "data.batch_size=0"),
     Case("train_elbo_n_t_0", "train", _plain("callbacks.elbo.n_t=0"), "callbacks.elbo.n_t=0"),
+    Case(
+        "train_elbo_max_elements_text",
+        "train",
+        _plain("callbacks.elbo.max_elements=lots"),
+        "callbacks.elbo.max_elements='lots'",
+    ),
     Case(
         "train_val_interval_0",
         "train",

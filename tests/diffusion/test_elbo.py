@@ -12,8 +12,10 @@ from diffexp.data.mixtures import make_mixture
 from diffexp.diffusion import schedules as S
 from diffexp.diffusion.elbo import (
     denoising_kl,
+    denoising_matching,
     diffuse,
     elbo_terms,
+    endpoint_terms,
     gaussian_kl,
     gaussian_reconstruction_nll,
     posterior,
@@ -174,3 +176,36 @@ def test_band_split_sums_to_the_diffusion_term():
     terms = elbo_terms(den, x0, n_t=8)
     bands = terms.diffusion_in_bands([math.inf, 5.0, 0.0, -5.0, -math.inf])
     torch.testing.assert_close(sum(bands), terms.diffusion)
+
+
+@pytest.mark.parametrize("T, exact", [(0, False), (20, False), (20, True)])
+@pytest.mark.parametrize("param", conf_options("parameterization"))
+def test_elbo_terms_in_grouped_calls_equal_one_call_per_level(param, T, exact):
+    """Grouping the noise levels into few network calls changes no draw: the terms equal one call
+    per level (max_elements=0) and the composition of endpoint_terms and denoising_matching."""
+    den = oracle_denoiser("ring8", param)
+    x0, _ = (
+        make_mixture("ring8").to(dtype=F64).sample(50, generator=torch.Generator().manual_seed(3))
+    )
+    n_t = 6
+
+    def terms(max_elements):
+        gen = torch.Generator().manual_seed(4)
+        return elbo_terms(
+            den, x0, T=T, n_t=n_t, exact=exact, generator=gen, max_elements=max_elements
+        )
+
+    grouped, three_levels, per_level = terms(2**20), terms(3 * 50 * 2), terms(0)
+    gen = torch.Generator().manual_seed(4)
+    rec, prior = endpoint_terms(den, x0, None, n_t, generator=gen)
+    k = T if exact else n_t
+    t = (torch.arange(1, T + 1, dtype=F64) / T).expand(50, T) if exact else None
+    if t is None:
+        t = stratified_times(50, n_t, gen, dtype=F64)
+    parts = torch.stack(
+        [denoising_matching(den, x0, t[:, j], None, T, gen)[0] for j in range(k)], 1
+    )
+    for got in (grouped, three_levels, per_level):
+        torch.testing.assert_close(got.reconstruction, rec, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got.prior, prior, rtol=0, atol=0)
+        torch.testing.assert_close(got.diffusion_parts, parts / k, rtol=1e-12, atol=1e-12)

@@ -20,12 +20,24 @@ class ELBOMonitor(pl.Callback):
     stratified times per example (or the exact T-step loop with
     ``exact_loop`` for discrete models). When the data set knows its density, also logs
     val/true_log_likelihood_nats and val/elbo_gap_nats = true log-likelihood - ELBO.
+    ``max_elements`` groups the noise levels into network calls (``elbo.elbo_terms``; null: the
+    device's default).
     """
 
     def __init__(
-        self, n_t: int = 16, band_edges: list[float] = (5.0, 0.0, -5.0), exact_loop: bool = False
+        self,
+        n_t: int = 16,
+        band_edges: list[float] = (5.0, 0.0, -5.0),
+        exact_loop: bool = False,
+        max_elements: int | None = None,
     ):
         self.n_t, self.band_edges, self.exact_loop = int(n_t), list(band_edges), bool(exact_loop)
+        if max_elements is not None and int(max_elements) < 0:
+            raise ValueError(
+                f"callbacks.elbo.max_elements={max_elements}: the numbers of x per network call "
+                "must be >= 0 (0: one call per noise level) or null (the device's default)"
+            )
+        self.max_elements = None if max_elements is None else int(max_elements)
         self._stats: dict[str, torch.Tensor] = {}
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -68,6 +80,7 @@ class ELBOMonitor(pl.Callback):
             exact=self.exact_loop and pl_module.T > 0,
             reconstruction_nll=pl_module.reconstruction_nll,
             generator=getattr(pl_module, "validation_generator", None),
+            max_elements=self.max_elements,
         )
         metrics = elbo_metrics(terms, x0[0].numel(), self.band_edges)
         datamodule = getattr(trainer, "datamodule", None)
