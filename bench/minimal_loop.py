@@ -42,8 +42,11 @@ def train_minimal(
     log_snr_max: float,
     log_snr_min: float,
     warmup: int = 0,
+    marks: list[float] | None = None,
+    every: int = 50,
 ) -> float:
-    """Train ``net`` for warmup + steps steps; return the seconds the last ``steps`` took."""
+    """Train ``net`` for warmup + steps steps; return the seconds the last ``steps`` took (and
+    append ``time.perf_counter()`` to ``marks`` every ``every`` steps after the warm-up)."""
     ema = [p.detach().clone() for p in net.parameters()]
     params = list(net.parameters())
     optimizer = torch.optim.Adam(params, lr=lr)
@@ -52,6 +55,8 @@ def train_minimal(
     for step, x0 in enumerate(index_batches(x_train, batch, warmup + steps)):
         if step == warmup:
             start = time.perf_counter()
+        if marks is not None and step >= warmup and (step - warmup) % every == 0:
+            marks.append(time.perf_counter())
         lam = lam_max + (lam_min - lam_max) * torch.rand(x0.shape[0])
         eps = torch.randn_like(x0)
         x_t = torch.sigmoid(lam).sqrt()[:, None] * x0 + torch.sigmoid(-lam).sqrt()[:, None] * eps
@@ -62,6 +67,8 @@ def train_minimal(
         optimizer.step()
         with torch.no_grad():
             torch._foreach_lerp_(ema, params, 1 - ema_decay)
+    if marks is not None:
+        marks.append(time.perf_counter())
     return time.perf_counter() - start
 
 

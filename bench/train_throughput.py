@@ -2,16 +2,17 @@
 
 - plain: the same Denoiser, objective (diffexp's loss), optimizer and EMA as the framework, its
   batches gathered by tensor indexing: framework / plain is Lightning's cost.
-- minimal: a hand-written loop of the same sizes that computes only the mathematics of the
-  default run: the configured network on the eps parameterization, the continuous-time ELBO's
-  diffusion term on the log-linear schedule (1/2 (lambda_max - lambda_min) ||eps - eps_hat||^2,
-  t ~ U(0, 1)), Adam and an EMA by one fused lerp; no reconstruction network call.
-  framework / minimal is everything's cost (printed for the default configuration only).
+- minimal (``bench.minimal_loop``): a hand-written loop of the same sizes that computes only the
+  mathematics of the default run (the network on the continuous-time ELBO's diffusion term,
+  Adam, a fused EMA lerp): framework / minimal is everything's cost (printed for the default
+  configuration, or with ``--minimal``).
 
-Rounds alternate between the loops and the medians are compared in the same run, so the ratios
-do not depend on how fast this machine is.
+Every loop is timed in chunks of ``--chunk`` steps (one logging step each, at the default
+``trainer.log_every_n_steps=50``), the rounds alternate between the loops, and a loop's time per
+step is the lower quartile of its chunks: this shared machine's interruptions (10 % between
+rounds) fall in the other quartiles, and the ratios do not depend on how fast the machine is.
 
-    python -m bench.train_throughput [--steps 1500] [--rounds 3] [hydra overrides ...]
+    python -m bench.train_throughput [--steps 1500] [--rounds 3] [--minimal] [overrides ...]
 """
 
 from __future__ import annotations
@@ -26,24 +27,24 @@ import torch
 from hydra import compose, initialize_config_dir
 from pytorch_lightning.loggers import CSVLogger
 
+from bench.minimal_loop import index_batches, train_minimal
 from diffexp.build.factory import build_datamodule, build_module
 from diffexp.cli import CONF_DIR
 
 
-class _StepTimer(pl.Callback):
-    """Times training batches after ``warmup`` of them."""
+class _ChunkTimer(pl.Callback):
+    """perf_counter marks every ``every`` training steps after ``warmup`` of them."""
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.start, self.end, self.steps = warmup, None, None, 0
+    def __init__(self, warmup: int, every: int) -> None:
+        self.warmup, self.every, self.marks = warmup, every, []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.warmup:
-            self.start = time.perf_counter()
+        step = trainer.global_step - self.warmup
+        if step >= 0 and step % self.every == 0:
+            self.marks.append(time.perf_counter())
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.start is not None:
-            self.steps += 1
-            self.end = time.perf_counter()
+    def on_train_end(self, trainer, pl_module):
+        self.marks.append(time.perf_counter())
 
 
 def _config(overrides: list[str], out_dir: str):
@@ -51,12 +52,16 @@ def _config(overrides: list[str], out_dir: str):
         return compose("train", overrides=[f"paths.output_dir={out_dir}", *overrides])
 
 
-def framework_steps_per_second(cfg, steps: int, warmup: int, out_dir: str) -> float:
+def _chunks(marks: list[float]) -> list[float]:
+    return [b - a for a, b in zip(marks[:-1], marks[1:], strict=False)]
+
+
+def framework_chunks(cfg, steps: int, warmup: int, every: int, out_dir: str) -> list[float]:
     """Trainer.fit with a CSV logger (logging every 50 steps), no validation or checkpoints."""
     pl.seed_everything(0, verbose=False)
     dm = build_datamodule(cfg.data)
     module = build_module(cfg, dm)
-    timer = _StepTimer(warmup)
+    timer = _ChunkTimer(warmup, every)
     trainer = pl.Trainer(
         max_steps=steps + warmup,
         logger=CSVLogger(out_dir, name="bench"),
@@ -70,23 +75,20 @@ def framework_steps_per_second(cfg, steps: int, warmup: int, out_dir: str) -> fl
         devices=1,
     )
     trainer.fit(module, datamodule=dm)
-    return timer.steps / (timer.end - timer.start)
+    return _chunks(timer.marks)
 
 
-def _index_batches(dm, n: int):
-    """n batches (x0, y) of the in-memory training data, gathered by tensor indexing, a fresh
-    permutation each epoch."""
-    x_train, y_train, batch = dm.x_train, dm.y_train, dm.batch_size
-    per_epoch = x_train.shape[0] // batch
-    for step in range(n):
-        i = step % per_epoch
-        if i == 0:
-            perm = torch.randperm(x_train.shape[0])
-        idx = perm[i * batch : (i + 1) * batch]
-        yield x_train[idx], (None if y_train is None else y_train[idx])
+def _batches(dm, n: int):
+    """(x0, y) batches of the in-memory training data (``minimal_loop.index_batches``)."""
+    if dm.y_train is None:
+        yield from ((x, None) for x in index_batches(dm.x_train, dm.batch_size, n))
+        return
+    data = torch.cat([dm.x_train, dm.y_train[:, None].to(dm.x_train.dtype)], dim=1)
+    for xy in index_batches(data, dm.batch_size, n):
+        yield xy[:, :-1], xy[:, -1].long()
 
 
-def plain_steps_per_second(cfg, steps: int, warmup: int) -> float:
+def plain_chunks(cfg, steps: int, warmup: int, every: int) -> list[float]:
     """The same training in a plain loop: gather, loss, backward, step, EMA."""
     pl.seed_everything(0, verbose=False)
     dm = build_datamodule(cfg.data)
@@ -94,10 +96,10 @@ def plain_steps_per_second(cfg, steps: int, warmup: int) -> float:
     opt_cfg = module.configure_optimizers()
     optimizer = opt_cfg["optimizer"] if isinstance(opt_cfg, dict) else opt_cfg
     scheduler = opt_cfg["lr_scheduler"]["scheduler"] if isinstance(opt_cfg, dict) else None
-    start = None
-    for step, (x0, y) in enumerate(_index_batches(dm, steps + warmup)):
-        if step == warmup:
-            start = time.perf_counter()
+    marks = []
+    for step, (x0, y) in enumerate(_batches(dm, steps + warmup)):
+        if step >= warmup and (step - warmup) % every == 0:
+            marks.append(time.perf_counter())
         out = module.objective(
             module.denoiser, x0, y, T=module.T, reconstruction_nll=module.reconstruction_nll
         )
@@ -107,79 +109,90 @@ def plain_steps_per_second(cfg, steps: int, warmup: int) -> float:
         if scheduler is not None:
             scheduler.step()
         if module.ema is not None:
-            module.ema.update_parameters(module.denoiser)
-    return steps / (time.perf_counter() - start)
+            module.ema.update(module.denoiser)
+    marks.append(time.perf_counter())
+    return _chunks(marks)
 
 
-def minimal_steps_per_second(cfg, steps: int, warmup: int) -> float:
-    """The default run's mathematics by hand (see the module docstring)."""
+def minimal_chunks(cfg, steps: int, warmup: int, every: int) -> list[float]:
+    """The default run's mathematics by hand (``bench.minimal_loop``)."""
     pl.seed_everything(0, verbose=False)
     dm = build_datamodule(cfg.data)
     net = build_module(cfg, dm).denoiser.network  # the configured network, freshly built
-    ema = [p.detach().clone() for p in net.parameters()]
-    optimizer = torch.optim.Adam(net.parameters(), lr=float(cfg.model.optimizer.lr))
-    lam_max, lam_min = float(cfg.data.log_snr_max), float(cfg.data.log_snr_min)
-    start = None
-    for step, (x0, _) in enumerate(_index_batches(dm, steps + warmup)):
-        if step == warmup:
-            start = time.perf_counter()
-        lam = lam_max + (lam_min - lam_max) * torch.rand(x0.shape[0])
-        eps = torch.randn_like(x0)
-        x_t = torch.sigmoid(lam).sqrt()[:, None] * x0 + torch.sigmoid(-lam).sqrt()[:, None] * eps
-        eps_hat = net(x_t, lam, None)
-        loss = 0.5 * (lam_max - lam_min) * ((eps - eps_hat) ** 2).sum(dim=1).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, list(net.parameters()), 1 - float(cfg.model.ema_decay))
-    return steps / (time.perf_counter() - start)
+    marks: list[float] = []
+    train_minimal(
+        net,
+        dm.x_train,
+        steps,
+        batch=int(cfg.data.batch_size),
+        lr=float(cfg.model.optimizer.lr),
+        ema_decay=float(cfg.model.ema_decay),
+        log_snr_max=float(cfg.data.log_snr_max),
+        log_snr_min=float(cfg.data.log_snr_min),
+        warmup=warmup,
+        marks=marks,
+        every=every,
+    )
+    return _chunks(marks)
+
+
+def ms_per_step(chunks: list[float], every: int) -> float:
+    """The lower quartile of the chunks' times, per step, in ms."""
+    return 1000 * statistics.quantiles(chunks, n=4)[0] / every
 
 
 def main() -> None:
-    """Alternate rounds of both, print steps/s and the ratio framework / plain."""
+    """Alternate rounds of the loops, print ms/step and the ratios."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--chunk", type=int, default=50)
     parser.add_argument(
         "--minimal",
         action="store_true",
         help="time the minimal loop with overrides too (it is the default run's mathematics)",
     )
     args, overrides = parser.parse_known_args()
+    every = args.chunk
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _config(overrides, tmp)
-        minimal_too = args.minimal or not overrides  # the default run's mathematics
-        plain, framework, minimal = [], [], []
+        loops = {"plain": plain_chunks, "framework": None}
+        if args.minimal or not overrides:  # the default run's mathematics
+            loops = {"minimal": minimal_chunks, **loops}
+        chunks: dict[str, list[float]] = {name: [] for name in loops}
         for r in range(args.rounds):
-            if minimal_too:
-                minimal.append(minimal_steps_per_second(cfg, args.steps, args.warmup))
-            plain.append(plain_steps_per_second(cfg, args.steps, args.warmup))
-            framework.append(framework_steps_per_second(cfg, args.steps, args.warmup, tmp))
+            for name, fn in loops.items():
+                if fn is None:
+                    got = framework_chunks(cfg, args.steps, args.warmup, every, tmp)
+                else:
+                    got = fn(cfg, args.steps, args.warmup, every)
+                chunks[name] += got
             print(
                 f"round {r + 1}: "
-                + (f"minimal {minimal[-1]:.1f} steps/s, " if minimal_too else "")
-                + f"plain {plain[-1]:.1f} steps/s, framework {framework[-1]:.1f} steps/s",
+                + ", ".join(f"{k} {ms_per_step(v, every):.2f} ms/step" for k, v in chunks.items()),
                 flush=True,
             )
-    p, f = statistics.median(plain), statistics.median(framework)
+    ms = {name: ms_per_step(c, every) for name, c in chunks.items()}
     print()
     print(
         f"config: data={cfg.data.get('preset', cfg.data.get('name'))} batch={cfg.data.batch_size} "
         f"network={cfg.network._target_.rsplit('.', 1)[-1]}(width={cfg.network.get('width')}) "
         f"weighting={cfg.weighting._target_.rsplit('.', 1)[-1]} threads={torch.get_num_threads()}"
     )
-    print(f"| loop | steps/s (median of {args.rounds}) |")
+    print(f"| loop | ms/step (lower quartile of {len(chunks['plain'])} chunks of {every}) |")
     print("|---|---|")
-    if minimal_too:
-        print(f"| minimal hand-written loop | {statistics.median(minimal):.1f} |")
-    print(f"| plain PyTorch, diffexp's loss | {p:.1f} |")
-    print(f"| diffexp (Lightning) | {f:.1f} |")
-    print(f"ratio framework / plain (Lightning's cost): {f / p:.3f}")
-    if minimal_too:
-        m = statistics.median(minimal)
-        print(f"ratio framework / minimal (everything's cost): {f / m:.3f}")
+    labels = {
+        "minimal": "minimal hand-written loop",
+        "plain": "plain PyTorch, diffexp's loss",
+        "framework": "diffexp (Lightning)",
+    }
+    for name, value in ms.items():
+        print(f"| {labels[name]} | {value:.2f} |")
+    print(f"ratio framework / plain (Lightning's cost): {ms['plain'] / ms['framework']:.3f}")
+    if "minimal" in ms:
+        ratio = ms["minimal"] / ms["framework"]
+        print(f"ratio framework / minimal (everything's cost): {ratio:.3f}")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,44 @@ def test_nan_loss_stops_with_the_step_and_the_term(compose):
         trainer.fit(module, datamodule=dm)
 
 
+@pytest.mark.parametrize("deferred", [False, True], ids=["at-once", "deferred"])
+def test_nan_loss_names_its_step_whether_checked_at_once_or_deferred(compose, tmp_path, deferred):
+    """On an accelerator the step does not sync: the first non-finite loss is kept on the device
+    and checked on logging steps, before checkpoints and at the end. Either way the error names
+    the step of the first NaN, and no checkpoint holds the weights after it."""
+    import re
+
+    from diffexp.training.callbacks import LastCheckpoint
+
+    class Defer(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            pl_module._defer_finite_check = deferred
+
+    cfg = compose(["debug=fdr"])
+    x = torch.randn(64, 2)
+    x[37, 0] = float("nan")  # one batch of 8 holds it
+    dm = VectorDataModule(x, x[:8], x[:8], batch_size=8)
+    module = build_module(cfg, dm)
+    last = LastCheckpoint(dirpath=str(tmp_path), every_n_train_steps=2)
+    trainer = pl.Trainer(
+        max_steps=20,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=True,
+        callbacks=[Defer(), last],
+        log_every_n_steps=50,
+        limit_val_batches=0,
+    )
+    with pytest.raises(NonFiniteLossError, match=r"offending term") as err:
+        trainer.fit(module, datamodule=dm)
+    step = int(re.search(r"at step (\d+)", str(err.value)).group(1))
+    assert step < 8  # the first epoch's batches hold the NaN
+    if (tmp_path / "last.ckpt").exists():
+        saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+        assert saved["global_step"] <= step
+        assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
+
+
 def test_wandb_run_is_finished_after_an_exception(compose):
     import wandb
 

@@ -5,11 +5,12 @@ Denoiser's parameterization (MATH.md section 9), composed by ``diffusion.loss.We
 training draws lambda ~ p (low-discrepancy), noises the batch and minimizes 1/2 (w / p)
 ||eps_hat - eps||^2. The true ELBO is reported by the ``ELBOMonitor`` callback on validation,
 whatever the objective.
-EMA weights (``torch.optim.swa_utils.AveragedModel``) are what is evaluated and sampled.
+EMA weights (``training.ema.EMA``) are what is evaluated and sampled.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,6 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
-from torch.optim.swa_utils import AveragedModel
 
 from diffexp.cli import EXIT_FAILED
 from diffexp.data.datamodules import derive_seed, split_batch
@@ -27,7 +27,8 @@ from diffexp.diffusion.loss import HEAVY_TAILED_SPREAD, LossOutput, WeightedLoss
 from diffexp.diffusion.noise_sampling import NoiseSampling, ScheduleTimes
 from diffexp.diffusion.schedules import Learned, Schedule
 from diffexp.diffusion.weighting import ELBO, Weighting
-from diffexp.training.optim import EMAUpdate, optimizers_with_schedule
+from diffexp.training.ema import EMA
+from diffexp.training.optim import optimizers_with_schedule
 from diffexp.training.resume import data_position, reopen_stopped_epoch, start_next_epoch
 
 # the validation noise's seed stream (the data's streams are 0-4)
@@ -81,15 +82,19 @@ class DiffusionModule(pl.LightningModule):
         self.validation_generator: torch.Generator | None = None
         self._pending_torch_rng_state: Tensor | None = None
         self._rank_seed: int | None = None
-        self.ema: AveragedModel | None = None
+        # the first non-finite training loss: ([step, epoch, batch], [loss, terms]) on the device
+        self._first_nonfinite: tuple[Tensor, Tensor] | None = None
+        self._nonfinite_names: list[str] = []
+        self._defer_finite_check = False  # an accelerator's step checks without a sync
+        self.ema: EMA | None = None
         if ema_decay is not None and 0.0 < ema_decay < 1.0:
-            self.ema = AveragedModel(denoiser, multi_avg_fn=EMAUpdate(ema_decay), use_buffers=True)
-            self.ema.requires_grad_(False)
+            self.ema = EMA(denoiser, ema_decay)
 
     def setup(self, stage: str) -> None:
         """Each DDP rank draws its own noise: this rank's seed is the run's offset by the rank
         (the global RNG is left as ``seed_everything`` set it)."""
         self._rank_seed = int(torch.initial_seed()) + self.trainer.global_rank
+        self._defer_finite_check = self.device.type != "cpu"
 
     @property
     def rank_seed(self) -> int:
@@ -153,21 +158,68 @@ class DiffusionModule(pl.LightningModule):
             holder.scale = self._variance_gradient_scale(out)
         else:
             out = self._loss(batch, self.denoiser, training=True)
-        if not torch.isfinite(out.loss):
-            bad = [k for k, v in out.terms.items() if not torch.isfinite(v)]
-            values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in out.terms.items())
-            raise NonFiniteLossError(
-                f"non-finite training loss {float(out.loss.detach())} at step {self.global_step} "
-                f"(epoch {self.current_epoch}, batch {batch_idx}); offending term(s): "
-                f"{bad or ['loss']}; terms: {values}. Lower model.optimizer.lr, check the data "
-                "for NaN/inf, or use a schedule whose log-SNR endpoints are finite."
-            )
+        self._watch_finite(out, batch_idx)
         if self._is_logging_step():
             n = split_batch(batch)[0].shape[0]
             self.log("train/loss", out.loss, prog_bar=True, batch_size=n)
             for k, v in out.terms.items():
                 self.log(f"train/{k}", v, batch_size=n)
         return out.loss
+
+    def _watch_finite(self, out: LossOutput, batch_idx: int) -> None:
+        """Stop on a non-finite loss, naming the step and the term. On a CPU at once; on an
+        accelerator without a host-device sync in the step: the first bad step and its terms are
+        kept on the device and checked on logging steps and before every checkpoint (the
+        parameters may turn non-finite meanwhile; no checkpoint of them is written)."""
+        if not self._defer_finite_check:
+            if not torch.isfinite(out.loss):
+                self._record_nonfinite(out, batch_idx)
+                self.check_finite()
+            return
+        self._record_nonfinite(out, batch_idx)
+        if self._is_logging_step():
+            self.check_finite()
+
+    def _record_nonfinite(self, out: LossOutput, batch_idx: int) -> None:
+        """Keep the step, epoch, batch, loss and terms of the first non-finite loss on the device
+        (Python numbers enter the kernels as arguments: no host-to-device copy)."""
+        values = torch.stack([out.loss.detach(), *(v.detach() for v in out.terms.values())])
+        if self._first_nonfinite is None:
+            self._nonfinite_names = ["loss", *out.terms]
+            self._first_nonfinite = (
+                torch.full((3,), -1, dtype=torch.long, device=values.device),
+                torch.zeros_like(values),
+            )
+        where, first_values = self._first_nonfinite
+        new = ~torch.isfinite(values[0]) & (where[0] < 0)
+        where = torch.stack(
+            [
+                torch.where(new, v, w)
+                for v, w in zip(
+                    (self.global_step, self.current_epoch, batch_idx), where, strict=True
+                )
+            ]
+        )
+        self._first_nonfinite = (where, torch.where(new, values, first_values))
+
+    def check_finite(self) -> None:
+        """Raise ``NonFiniteLossError`` if a training loss so far was not finite (a host-device
+        sync)."""
+        if self._first_nonfinite is None:
+            return
+        where, values = (t.tolist() for t in self._first_nonfinite)
+        if where[0] < 0:
+            return
+        step, epoch, batch_idx = where
+        values = dict(zip(self._nonfinite_names, values, strict=True))
+        bad = [k for k, v in values.items() if k != "loss" and not math.isfinite(v)]
+        listed = ", ".join(f"{k}={v:.4g}" for k, v in values.items() if k != "loss")
+        raise NonFiniteLossError(
+            f"non-finite training loss {values['loss']} at step {step} (epoch {epoch}, batch "
+            f"{batch_idx}); offending term(s): {bad or ['loss']}; terms: {listed}. Lower "
+            "model.optimizer.lr, check the data for NaN/inf, or use a schedule whose log-SNR "
+            "endpoints are finite."
+        )
 
     def _variance_gradient_scale(self, out: LossOutput) -> Tensor:
         """VDM's variance objective for a learned schedule's interior: factors 2 L_i on the
@@ -221,6 +273,10 @@ class DiffusionModule(pl.LightningModule):
         if skip and callable(getattr(sampler, "resume_at", None)):
             sampler.resume_at(self.current_epoch, skip)
 
+    def on_train_end(self) -> None:
+        """The steps since the last logging step are checked too."""
+        self.check_finite()
+
     def on_train_epoch_start(self) -> None:
         """The epoch's data order from the epoch number (Lightning's count is off after resume)."""
         loader = self.trainer.train_dataloader
@@ -233,7 +289,7 @@ class DiffusionModule(pl.LightningModule):
         a checkpoint written there holds the EMA of the step it is labelled with."""
         super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
-            self.ema.update_parameters(self.denoiser)
+            self.ema.update(self.denoiser)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         out = self._loss(batch, self.eval_denoiser)
@@ -254,7 +310,9 @@ class DiffusionModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the config (to rebuild the model) and the RNGs (to resume exactly): the
-        training noise's generator of every rank, and the global one (dropout)."""
+        training noise's generator of every rank, and the global one (dropout). Never the
+        weights after a non-finite loss: that raises here, before anything is written."""
+        self.check_finite()
         checkpoint["diffexp_config"] = self.config
         state = self.noise_generator.get_state()
         checkpoint["noise_rng_state"] = state

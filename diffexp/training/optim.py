@@ -1,4 +1,4 @@
-"""Optimizer helpers shared by the LightningModules: the per-step LR schedule and the EMA update."""
+"""Optimizer helpers shared by the LightningModules: the optimizer with its per-step LR schedule."""
 
 from __future__ import annotations
 
@@ -7,24 +7,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
-
-
-class EMAUpdate:
-    """ema <- decay * ema + (1 - decay) * current for lists of tensors (torch's
-    ``get_ema_multi_avg_fn``, the same operations): a class, so the module pickles
-    (``trainer=ddp_spawn`` sends it to its processes)."""
-
-    def __init__(self, decay: float) -> None:
-        self.decay = float(decay)
-
-    @torch.no_grad()
-    def __call__(self, ema: list[Tensor], current: list[Tensor], _: Any = None) -> None:
-        if torch.is_floating_point(ema[0]) or torch.is_complex(ema[0]):
-            torch._foreach_lerp_(ema, current, 1 - self.decay)
-        else:
-            for p_ema, p_model in zip(ema, current, strict=True):
-                p_ema.copy_(p_ema * self.decay + p_model * (1 - self.decay))
 
 
 def optimizers_with_schedule(

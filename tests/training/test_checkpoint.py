@@ -88,23 +88,3 @@ def test_a_failed_checkpoint_write_never_overwrites_a_good_one(tmp_path):
     assert path.read_bytes() == good
     assert not list(tmp_path.glob("*.tmp"))
     assert torch.equal(load_checkpoint(path)["state_dict"]["w"], torch.ones(3))
-
-
-def test_the_ema_update_is_torchs_and_the_module_pickles():
-    """``EMAUpdate`` does what ``get_ema_multi_avg_fn`` does, bit for bit, and (unlike torch's
-    closure) pickles, so ``trainer=ddp_spawn`` can send the module to its processes."""
-    from torch.optim.swa_utils import get_ema_multi_avg_fn
-
-    from diffexp.training.optim import EMAUpdate
-
-    gen = torch.Generator().manual_seed(0)
-    ema = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)]
-    current = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)]
-    theirs = [t.clone() for t in ema]
-    EMAUpdate(0.99)(ema, current, 1)
-    get_ema_multi_avg_fn(0.99)(theirs, current, 1)
-    assert all(torch.equal(a, b) for a, b in zip(ema, theirs, strict=True))
-    counts = [torch.tensor([2, 4]), torch.tensor([6])]  # integer buffers take the other path
-    EMAUpdate(0.5)(counts, [torch.tensor([4, 8]), torch.tensor([2])], 1)
-    assert counts[0].tolist() == [3, 6] and counts[1].tolist() == [4]
-    assert isinstance(pickle.loads(pickle.dumps(EMAUpdate(0.9))), EMAUpdate)
