@@ -22,8 +22,10 @@ test: install  ## the whole suite, slow tests included (what CI runs)
 test-fast: install  ## the suite without the tests marked slow
 	$(PY) -m pytest -q -m "not slow"
 
-bench: install  ## training throughput vs a plain PyTorch loop; sampler quality against NFE; the variance objective's cost
+bench: install  ## training step vs a minimal loop (command line, in process, per part); sampler quality against NFE; the variance objective's cost
+	$(PY) -m bench.step_time
 	$(PY) -m bench.train_throughput $(ARGS)
+	$(PY) -m bench.step_profile
 	$(PY) -m bench.sampler_quality
 	$(PY) -m bench.variance_objective_cost
 

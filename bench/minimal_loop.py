@@ -3,8 +3,11 @@
 Plain PyTorch, the mathematics of ``python -m diffexp.train`` and nothing else: the configured
 network (the residual MLP) on the eps parameterization, the continuous-time ELBO's diffusion term
 on the log-linear schedule, 1/2 (lambda_max - lambda_min) ||eps - eps_hat||^2 with
-t ~ U(0, 1), batches gathered from the in-memory training points by tensor indexing, Adam and an
-EMA by one fused lerp; no reconstruction network call, no validation, no logging.
+t ~ U(0, 1), batches gathered from the in-memory training set by tensor indexing, Adam and an
+EMA by one fused lerp; no reconstruction network call, no validation, no logging. With overrides
+(``experiment=digits``: the small UNet on digits, unit weighting) the same loop runs the
+configured network and data unconditionally; the unit weighting's loss differs from this one by a
+constant factor only.
 
     python -m bench.minimal_loop --steps 3000 [hydra overrides ...]
 
@@ -17,19 +20,28 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 
-def index_batches(x_train: Tensor, batch: int, n: int) -> Iterator[Tensor]:
-    """n batches of x_train gathered by tensor indexing, a fresh permutation each epoch."""
-    per_epoch = x_train.shape[0] // batch
+def index_batches(dataset: Any, batch: int, n: int) -> Iterator[Any]:
+    """n batches ``dataset[indices]`` (a tensor, or a data set indexed by a tensor of indices, as
+    diffexp's in-memory data sets are), a fresh permutation each epoch."""
+    per_epoch = len(dataset) // batch
     for step in range(n):
         i = step % per_epoch
         if i == 0:
-            perm = torch.randperm(x_train.shape[0])
-        yield x_train[perm[i * batch : (i + 1) * batch]]
+            perm = torch.randperm(len(dataset))
+        yield dataset[perm[i * batch : (i + 1) * batch]]
+
+
+def training_images(datamodule: Any) -> Tensor:
+    """The training set's x (vectors or images) in memory."""
+    datamodule.setup("fit")
+    dataset = datamodule.train_dataloader().dataset
+    return dataset[torch.arange(len(dataset))][0]
 
 
 def train_minimal(
@@ -59,9 +71,12 @@ def train_minimal(
             marks.append(time.perf_counter())
         lam = lam_max + (lam_min - lam_max) * torch.rand(x0.shape[0])
         eps = torch.randn_like(x0)
-        x_t = torch.sigmoid(lam).sqrt()[:, None] * x0 + torch.sigmoid(-lam).sqrt()[:, None] * eps
+        view = (-1,) + (1,) * (x0.dim() - 1)
+        x_t = (
+            torch.sigmoid(lam).sqrt().view(view) * x0 + torch.sigmoid(-lam).sqrt().view(view) * eps
+        )
         eps_hat = net(x_t, lam, None)
-        loss = 0.5 * (lam_max - lam_min) * ((eps - eps_hat) ** 2).sum(dim=1).mean()
+        loss = 0.5 * (lam_max - lam_min) * ((eps - eps_hat) ** 2).flatten(1).sum(dim=1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -89,7 +104,7 @@ def default_setup(overrides: list[str]) -> dict:
     net = build_network(cfg.network, dm, instantiate(cfg.parameterization))
     return {
         "net": net,
-        "x_train": dm.x_train,
+        "x_train": training_images(dm),
         "batch": int(cfg.data.batch_size),
         "lr": float(cfg.model.optimizer.lr),
         "ema_decay": float(cfg.model.ema_decay),

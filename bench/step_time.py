@@ -5,19 +5,22 @@ wall times over the difference of the steps is the cost of a step, with the star
 data, the final validation and sample plot) cancelled:
 
 - diffexp: ``python -m diffexp.train trainer.max_steps=N``, the default run as a user types it,
-  in-loop validation (the ELBO every 10 epochs), sample plots and checkpoints included;
+  in-loop validation (the ELBO every 10 epochs), checkpoints (every 500 steps and every epoch),
+  logging (every 50 steps) and the progress bar included;
 - diffexp, steps only: the same with ``trainer.check_val_every_n_epoch=100000`` (no in-loop
   validation, hence no in-loop sample plot; checkpoints and logging as configured);
 - minimal: ``python -m bench.minimal_loop --steps N``, the hand-written loop of the same
   mathematics.
 
-    python -m bench.step_time [--short 500] [--long 3000] [--rounds 1] [hydra overrides ...]
+The rounds alternate between the commands; each command's time at each step count is the fastest
+of its rounds (interruptions by other work on this shared machine only add time).
+
+    python -m bench.step_time [--short 500] [--long 3000] [--rounds 3] [hydra overrides ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,7 +47,6 @@ def wall_seconds(args: list[str], steps: int, overrides: list[str], out_dir: str
             *args,
             f"trainer.max_steps={steps}",
             f"paths.output_dir={out_dir}",
-            "trainer.enable_progress_bar=false",
             *overrides,
         ]
     start = time.perf_counter()
@@ -57,27 +59,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--short", type=int, default=500)
     parser.add_argument("--long", type=int, default=3000)
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
     args, overrides = parser.parse_known_args()
-    ms: dict[str, list[float]] = {name: [] for name in COMMANDS}
+    walls: dict[str, dict[int, list[float]]] = {
+        n: {args.short: [], args.long: []} for n in COMMANDS
+    }
     for r in range(args.rounds):
         for name, command in COMMANDS.items():
-            with tempfile.TemporaryDirectory() as tmp:
-                short = wall_seconds(command, args.short, overrides, f"{tmp}/short")
-                long = wall_seconds(command, args.long, overrides, f"{tmp}/long")
-            ms[name].append(1000 * (long - short) / (args.long - args.short))
-            print(f"round {r + 1}: {name}: {ms[name][-1]:.2f} ms/step", flush=True)
-    minimal = statistics.median(ms["minimal hand-written loop"])
+            for steps in (args.short, args.long):
+                with tempfile.TemporaryDirectory() as tmp:
+                    walls[name][steps].append(wall_seconds(command, steps, overrides, tmp))
+            print(
+                f"round {r + 1}: {name}: {walls[name][args.short][-1]:.2f} s for {args.short} "
+                f"steps, {walls[name][args.long][-1]:.2f} s for {args.long}",
+                flush=True,
+            )
+    # the fastest of the rounds at each length: interruptions by other work only add time
+    ms = {
+        name: 1000 * (min(w[args.long]) - min(w[args.short])) / (args.long - args.short)
+        for name, w in walls.items()
+    }
+    minimal = ms["minimal hand-written loop"]
     print()
     print(
-        f"({args.long} steps - {args.short} steps) / {args.long - args.short}, median of "
-        f"{args.rounds}; overrides: {' '.join(overrides) or 'none'}"
+        f"(min wall at {args.long} steps - min wall at {args.short} steps) / "
+        f"{args.long - args.short}, {args.rounds} rounds; overrides: "
+        f"{' '.join(overrides) or 'none'}"
     )
     print("| command | ms/step | minimal / this |")
     print("|---|---|---|")
-    for name, values in ms.items():
-        m = statistics.median(values)
-        print(f"| {name} | {m:.2f} | {minimal / m:.3f} |")
+    for name, value in ms.items():
+        print(f"| {name} | {value:.2f} | {minimal / value:.3f} |")
 
 
 if __name__ == "__main__":

@@ -27,9 +27,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from pytorch_lightning.loggers import CSVLogger
 
-from bench.minimal_loop import index_batches, train_minimal
+from bench.minimal_loop import index_batches, train_minimal, training_images
 from diffexp.build.factory import build_datamodule, build_module
 from diffexp.cli import CONF_DIR
+from diffexp.data.datamodules import split_batch
 
 
 class _ChunkTimer(pl.Callback):
@@ -79,13 +80,12 @@ def framework_chunks(cfg, steps: int, warmup: int, every: int, out_dir: str) -> 
 
 
 def _batches(dm, n: int):
-    """(x0, y) batches of the in-memory training data (``minimal_loop.index_batches``)."""
-    if dm.y_train is None:
-        yield from ((x, None) for x in index_batches(dm.x_train, dm.batch_size, n))
-        return
-    data = torch.cat([dm.x_train, dm.y_train[:, None].to(dm.x_train.dtype)], dim=1)
-    for xy in index_batches(data, dm.batch_size, n):
-        yield xy[:, :-1], xy[:, -1].long()
+    """(x0, y) batches of the training set, gathered as the framework's loader gathers them
+    (the data set indexed by a batch of indices) in a permutation per epoch."""
+    dm.setup("fit")
+    dataset = dm.train_dataloader().dataset
+    for batch in index_batches(dataset, dm.batch_size, n):
+        yield split_batch(batch)
 
 
 def plain_chunks(cfg, steps: int, warmup: int, every: int) -> list[float]:
@@ -122,7 +122,7 @@ def minimal_chunks(cfg, steps: int, warmup: int, every: int) -> list[float]:
     marks: list[float] = []
     train_minimal(
         net,
-        dm.x_train,
+        training_images(dm),
         steps,
         batch=int(cfg.data.batch_size),
         lr=float(cfg.model.optimizer.lr),

@@ -50,22 +50,24 @@ class EMA(nn.Module):
     def update(self, model: nn.Module) -> None:
         """One EMA step towards ``model`` (the first one copies it)."""
         if self._refs is None or self._refs[0] is not model:
-            self._refs = (model, _tensor_refs(self.module), _tensor_refs(model))
-        _, (ema_params, ema_bufs), (params, bufs) = self._refs
+            ema_refs, refs = _tensor_refs(self.module), _tensor_refs(model)
+            ema_all = ema_refs[0] + [m._buffers[n] for m, n in ema_refs[1]]  # noqa: SLF001
+            floating = all(t.is_floating_point() for t in ema_all)  # .to keeps it so
+            self._refs = (model, ema_refs, refs, floating)
+        _, (ema_params, ema_bufs), (params, bufs), floating = self._refs
         ema = ema_params + [m._buffers[n] for m, n in ema_bufs]  # noqa: SLF001
-        current = [p.detach() for p in params] + [m._buffers[n] for m, n in bufs]  # noqa: SLF001
+        current = params + [m._buffers[n] for m, n in bufs]  # noqa: SLF001
         if self._count == 0:
             torch._foreach_copy_(ema, current)
-        else:
-            floating = [i for i, e in enumerate(ema) if e.is_floating_point()]
-            if len(floating) == len(ema):
-                torch._foreach_lerp_(ema, current, 1.0 - self.decay)
-            else:  # other buffers (counts, indices) are the model's
-                for i, (e, c) in enumerate(zip(ema, current, strict=True)):
-                    if i not in floating:
-                        e.copy_(c)
-                ema_f, current_f = [ema[i] for i in floating], [current[i] for i in floating]
-                torch._foreach_lerp_(ema_f, current_f, 1.0 - self.decay)
+        elif floating:
+            torch._foreach_lerp_(ema, current, 1.0 - self.decay)
+        else:  # other buffers (counts, indices) are the model's
+            pairs = list(zip(ema, current, strict=True))
+            for e, c in pairs:
+                if not e.is_floating_point():
+                    e.copy_(c)
+            pairs = [(e, c) for e, c in pairs if e.is_floating_point()]
+            torch._foreach_lerp_([e for e, _ in pairs], [c for _, c in pairs], 1.0 - self.decay)
         self._count += 1
         self.n_averaged.add_(1)
 

@@ -98,6 +98,10 @@ def training_run(cfg: DictConfig, continue_csv_before: int | None = None) -> Ite
     with closing_wandb():
         loggers = instantiate_all(cfg.get("logger"))
         callbacks = instantiate_all(cfg.get("callbacks"))
+        if not cfg.trainer.get("enable_progress_bar", True):  # the switch keeps its meaning
+            from pytorch_lightning.callbacks import ProgressBar
+
+            callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
         trainer = instantiate(
             cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=trainer_plugins(cfg)
         )
