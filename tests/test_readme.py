@@ -238,16 +238,17 @@ def test_shown_argparse_command_parses(cmd: Command, monkeypatch, tmp_path):
         table = tmp_path / "comparison.md"
         table.write_text("")
 
-        def fake_compare(paths, out, group_by, columns):
-            calls.append((paths, out, group_by, columns))
+        def fake_compare(paths, out, group_by, columns, baseline=None):
+            calls.append((paths, out, group_by, columns, baseline))
             return table
 
         monkeypatch.setattr(compare, "compare", fake_compare)
         monkeypatch.setattr(sys, "argv", ["python -m diffexp.compare", *args])
         compare.main()
         assert len(calls) == 1
-        group_by = calls[0][2]
-        assert group_by is None or group_by in compare.CHOICES, group_by
+        keys = compare.parse_group_by(calls[0][2])  # refuses a key that is not a choice
+        if calls[0][4] is not None:
+            compare.parse_baseline(calls[0][4], keys)
     else:
         import diffexp.objectives as objectives
 

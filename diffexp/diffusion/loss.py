@@ -48,12 +48,14 @@ HEAVY_TAILED_SPREAD = 1e3
 class LossOutput:
     """The scalar loss and its named parts (batch means, for logging and NaN reports); per
     example, the one-sample weighted diffusion loss (``diffusion``; for the ELBO, the diffusion
-    term's estimate) and the log-SNR it was drawn at."""
+    term's estimate), the log-SNR it was drawn at and 1/p(lambda) there (``diffusion /
+    inv_density`` is the weighted loss 1/2 w ||eps_hat - eps||^2 without the importance weight)."""
 
     loss: Tensor
     terms: dict[str, Tensor] = field(default_factory=dict)
     diffusion: Tensor | None = None
     log_snr: Tensor | None = None
+    inv_density: Tensor | None = None
 
 
 # the ELBO's reconstruction term in training: x0_hat at x_{t0} from the network ("denoiser", one
@@ -111,11 +113,11 @@ class WeightedLoss:
         y: Tensor | None = None,
         T: int = 0,
         generator: torch.Generator | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """(1/2 (w / p) ||eps_hat - eps||^2, ||target - out||^2, lambda), each per example."""
+    ) -> tuple[Tensor, Tensor, DrawnLevels]:
+        """(1/2 (w / p) ||eps_hat - eps||^2, ||target - out||^2, the drawn levels), per example."""
         levels, log_w = self.draw_levels(denoiser, x0, T, generator)
         est, squared = weighted_denoising_error(denoiser, x0, levels.log_snr, log_w, y, generator)
-        return est, squared, levels.log_snr
+        return est, squared, levels
 
     def __call__(
         self,
@@ -128,19 +130,17 @@ class WeightedLoss:
     ) -> LossOutput:
         """Mean over the batch of the one-sample loss (for the ELBO: -ELBO in nats)."""
         if self.weighting.includes_endpoint_terms:
-            rec, prior, diffusion, lam = self.elbo_in_one_call(
+            rec, prior, diffusion, levels = self.elbo_in_one_call(
                 denoiser, x0, y, T, reconstruction_nll, generator
             )
             terms = {"reconstruction": rec.mean(), "prior": prior.mean()}
             terms["diffusion"] = diffusion.mean()
-            return LossOutput(
-                loss=(rec + prior + diffusion).mean(), terms=terms, diffusion=diffusion, log_snr=lam
-            )
-        diffusion, squared, lam = self.diffusion_loss(denoiser, x0, y, T, generator)
-        mse = squared.mean() / math.prod(x0.shape[1:])
-        return LossOutput(
-            loss=diffusion.mean(), terms={"mse": mse}, diffusion=diffusion, log_snr=lam
-        )
+            loss = (rec + prior + diffusion).mean()
+        else:
+            diffusion, squared, levels = self.diffusion_loss(denoiser, x0, y, T, generator)
+            terms = {"mse": squared.mean() / math.prod(x0.shape[1:])}
+            loss = diffusion.mean()
+        return LossOutput(loss, terms, diffusion, levels.log_snr, levels.inv_density)
 
     def elbo_in_one_call(
         self,
@@ -150,10 +150,10 @@ class WeightedLoss:
         T: int,
         reconstruction_nll: ReconstructionNLL,
         generator: torch.Generator | None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(reconstruction, prior, diffusion, lambda) per example, the reconstruction at x_{t0} and
-        the diffusion term at x_t from one network call on both (the draws in the order of
-        ``endpoint_terms`` then ``diffusion_loss``, so the estimates are theirs); with
+    ) -> tuple[Tensor, Tensor, Tensor, DrawnLevels]:
+        """(reconstruction, prior, diffusion, the drawn levels) per example, the reconstruction at
+        x_{t0} and the diffusion term at x_t from one network call on both (the draws in the order
+        of ``endpoint_terms`` then ``diffusion_loss``, so the estimates are theirs); with
         ``reconstruction="latent"`` the decoder mean is x_{t0} / a_0 and only x_t is called."""
         n = x0.shape[0]
         lam_0, lam_1 = endpoint_log_snr(denoiser.schedule, x0)
@@ -174,7 +174,7 @@ class WeightedLoss:
         diffusion, _ = weighted_error(
             denoiser.parameterization, x0, eps, levels.log_snr, log_w, out
         )
-        return rec, prior_kl(x0, lam_1), diffusion, levels.log_snr
+        return rec, prior_kl(x0, lam_1), diffusion, levels
 
     def importance_weight_spread(
         self, parameterization: Parameterization, schedule: Schedule, n_points: int = 2001

@@ -13,6 +13,8 @@ then stride 1/n, as the ELBO's times), and returns 1/p(lambda) with each lambda:
   (2 P_std)^2), truncated to the schedule's range.
 - ``LogitNormal``: SD3's rectified-flow time t_rf = sigmoid(n), n ~ N(m, s^2); since
   lambda = 2 log((1 - t_rf) / t_rf) = -2 n, lambda ~ N(-2 m, (2 s)^2), truncated likewise.
+- ``Adaptive``: Kingma & Gao's p(lambda) proportional to a running average of the weighted loss
+  in bins of lambda (or to its root mean square), learned while training (state in checkpoints).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from diffexp.diffusion.schedules import Schedule
 
@@ -228,3 +230,129 @@ class LogitNormal(TruncatedNormalLogSNR):
 
     def __repr__(self) -> str:
         return f"LogitNormal(m={self.m:g}, s={self.s:g})"
+
+
+class Adaptive(NoiseSampling, nn.Module):
+    """Kingma & Gao's adaptive p(lambda): proportional to a running average of the weighted loss
+    f(lambda) = 1/2 w(lambda) E||eps_hat - eps||^2 in ``bins`` equal bins of the schedule's log-SNR
+    range (``target="mean"``), or to its root mean square (``target="rms"``: the variance-optimal
+    density of the one-sample estimate), mixed with ``uniform`` of the uniform density so that
+    no bin's weight w / p can blow up.
+
+    State (buffers, so checkpoints hold it): exponential moving averages, decay ``decay``, of the
+    per-bin count, sum of f and sum of f^2 of the training examples (``observe`` computes a
+    batch's, summed over DDP ranks by the caller; ``update`` folds them in). A bin never seen
+    takes the mean over the seen ones; before any observation p is uniform in lambda.
+    Drawn by inverse CDF from the stratified uniforms, piecewise uniform within a bin.
+    """
+
+    name = "adaptive"
+    TARGETS = ("mean", "rms")
+
+    def __init__(
+        self, bins: int = 100, decay: float = 0.99, target: str = "mean", uniform: float = 0.1
+    ) -> None:
+        nn.Module.__init__(self)
+        if int(bins) < 1:
+            raise ValueError(f"noise_sampling.bins must be >= 1, got {bins}")
+        if not 0.0 <= float(decay) < 1.0:
+            raise ValueError(f"noise_sampling.decay must be in [0, 1), got {decay}")
+        if target not in self.TARGETS:
+            raise ValueError(
+                f"noise_sampling.target={target!r} is not one of {', '.join(self.TARGETS)} "
+                "(mean: p proportional to the weighted loss; rms: to its root mean square)"
+            )
+        if not 0.0 < float(uniform) <= 1.0:
+            raise ValueError(f"noise_sampling.uniform must be in (0, 1], got {uniform}")
+        self.bins, self.decay, self.target = int(bins), float(decay), target
+        self.uniform = float(uniform)
+        # [count, sum f, sum f^2] per bin, exponential moving averages
+        self.register_buffer("moments", torch.zeros(3, self.bins, dtype=torch.float64))
+
+    def edges(self, schedule: Schedule) -> Tensor:
+        """The bins' edges in log-SNR, from lambda(1) up to lambda(0) [bins + 1] (float64; cached
+        per schedule: a fixed schedule's endpoints, read once, no device-to-host copy a step)."""
+        cache = self.__dict__.get("_edges")
+        if cache is None or cache[0]() is not schedule or cache[1].device != self.moments.device:
+            lam_0, lam_1 = schedule.endpoints
+            edges = torch.linspace(
+                lam_1, lam_0, self.bins + 1, dtype=torch.float64, device=self.moments.device
+            )
+            self.__dict__["_edges"] = cache = (weakref.ref(schedule), edges)
+        return cache[1]
+
+    def bin_profile(self) -> Tensor:
+        """The running estimate of f (mean) or sqrt(E f^2) (rms) per bin [bins] (float64); bins
+        never observed take the mean over the observed ones; all ones before any observation
+        (no host-device sync)."""
+        count, total, squares = self.moments
+        seen = count > 0
+        moment = total if self.target == "mean" else squares
+        value = torch.where(seen, moment / count.clamp_min(1e-300), 0.0).clamp_min(0.0)
+        n_seen = seen.sum()
+        fallback = torch.where(n_seen > 0, value.sum() / n_seen.clamp_min(1), 1.0)
+        value = torch.where(seen, value, fallback)
+        return value.sqrt() if self.target == "rms" else value
+
+    def bin_mass(self) -> Tensor:
+        """Each bin's probability [bins]: (1 - uniform) profile / sum + uniform / bins."""
+        profile = self.bin_profile()
+        total = profile.sum()
+        shape = torch.where(total > 0, profile / total.clamp_min(1e-300), 1.0 / self.bins)
+        return (1.0 - self.uniform) * shape + self.uniform / self.bins
+
+    def from_uniform(self, schedule: Schedule, u: Tensor, T: int = 0) -> DrawnLevels:
+        """lambda by the inverse CDF of the piecewise-uniform p (bins from lambda(1) up), and
+        1/p = bin width / bin mass."""
+        if T > 0:
+            raise ValueError(
+                f"noise_sampling=adaptive draws continuous noise levels, but model.T={T} is a "
+                "T-step model that trains on its own steps; use noise_sampling=schedule with "
+                "model.T>0, or model.T=0 (continuous time)"
+            )
+        edges, mass = self.edges(schedule).to(u.device), self.bin_mass().to(u.device)
+        cdf = torch.cat([mass.new_zeros(1), torch.cumsum(mass, 0)])
+        cdf = cdf / cdf[-1]
+        uu = u.to(torch.float64)
+        i = torch.searchsorted(cdf, uu, right=True).clamp(1, self.bins) - 1
+        frac = ((uu - cdf[i]) / mass[i]).clamp(0.0, 1.0)
+        width = edges[1:] - edges[:-1]
+        lam = edges[i] + frac * width[i]
+        inv_p = width[i] / mass[i]
+        return DrawnLevels(lam.to(u.dtype), inv_p.to(u.dtype))
+
+    def log_density(self, schedule: Schedule, log_snr: Tensor) -> Tensor:
+        """log p(lambda) = log(bin mass / bin width) of lambda's bin."""
+        edges = self.edges(schedule).to(log_snr.device)
+        mass = self.bin_mass().to(log_snr.device)
+        i = torch.bucketize(log_snr.to(torch.float64), edges, right=True).clamp(1, self.bins) - 1
+        return torch.log(mass[i] / (edges[i + 1] - edges[i])).to(log_snr.dtype)
+
+    def observe(self, schedule: Schedule, log_snr: Tensor, weighted_loss: Tensor) -> Tensor:
+        """One batch's [count, sum f, sum f^2] per bin [3, bins] (float64), f the examples'
+        weighted loss 1/2 w ||eps_hat - eps||^2 (the loss times p(lambda), detached)."""
+        edges = self.edges(schedule).to(log_snr.device)
+        lam = log_snr.detach().to(torch.float64)
+        f = weighted_loss.detach().to(torch.float64)
+        i = torch.bucketize(lam, edges, right=True).clamp(1, self.bins) - 1
+        stats = torch.zeros(3, self.bins, dtype=torch.float64, device=lam.device)
+        stats[0].index_add_(0, i, torch.ones_like(f))
+        stats[1].index_add_(0, i, f)
+        stats[2].index_add_(0, i, f * f)
+        return stats
+
+    @torch.no_grad()
+    def update(self, stats: Tensor) -> None:
+        """moments <- decay moments + (1 - decay) stats."""
+        self.moments.mul_(self.decay).add_(stats.to(self.moments), alpha=1.0 - self.decay)
+
+    def check(self, schedule: Schedule, T: int = 0) -> None:
+        """Continuous time only."""
+        if T > 0:
+            self.from_uniform(schedule, torch.zeros(1), T)
+
+    def __repr__(self) -> str:
+        return (
+            f"Adaptive(bins={self.bins}, decay={self.decay:g}, target={self.target}, "
+            f"uniform={self.uniform:g})"
+        )

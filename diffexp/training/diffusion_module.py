@@ -24,7 +24,7 @@ from diffexp.data.datamodules import derive_seed, split_batch
 from diffexp.diffusion.denoiser import Denoiser
 from diffexp.diffusion.elbo import ReconstructionNLL, gaussian_reconstruction_nll
 from diffexp.diffusion.loss import HEAVY_TAILED_SPREAD, LossOutput, WeightedLoss
-from diffexp.diffusion.noise_sampling import NoiseSampling, ScheduleTimes
+from diffexp.diffusion.noise_sampling import Adaptive, NoiseSampling, ScheduleTimes
 from diffexp.diffusion.schedules import Learned, Schedule
 from diffexp.diffusion.weighting import ELBO, Weighting
 from diffexp.training.ema import EMA
@@ -69,6 +69,8 @@ class DiffusionModule(pl.LightningModule):
         self.denoiser = denoiser
         self.weighting = weighting
         self.objective = WeightedLoss(weighting, noise_sampling, reconstruction)
+        # an adaptive p(lambda) is learned state: a submodule, so checkpoints and .to() carry it
+        self.adaptive = noise_sampling if isinstance(noise_sampling, Adaptive) else None
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.T = int(T)
@@ -159,12 +161,22 @@ class DiffusionModule(pl.LightningModule):
         else:
             out = self._loss(batch, self.denoiser, training=True)
         self._watch_finite(out, batch_idx)
+        if self.adaptive is not None:
+            self._update_adaptive(out)
         if self._is_logging_step():
             n = split_batch(batch)[0].shape[0]
             self.log("train/loss", out.loss, prog_bar=True, batch_size=n)
             for k, v in out.terms.items():
                 self.log(f"train/{k}", v, batch_size=n)
         return out.loss
+
+    def _update_adaptive(self, out: LossOutput) -> None:
+        """Fold this step's weighted losses 1/2 w ||eps_hat - eps||^2 = diffusion / (1/p) into the
+        adaptive density's histogram, summed over the DDP ranks (every rank keeps the same)."""
+        stats = self.adaptive.observe(self.schedule, out.log_snr, out.diffusion / out.inv_density)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        self.adaptive.update(stats)
 
     def _watch_finite(self, out: LossOutput, batch_idx: int) -> None:
         """Stop on a non-finite loss, naming the step and the term. On a CPU at once; on an

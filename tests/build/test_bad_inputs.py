@@ -174,6 +174,18 @@ CASES: list[Case] = [
     # train: values of the wrong type or out of range, refused from the config alone
     Case("train_sampler_steps_0", "train", _plain("sampler.steps=0"), "sampler.steps=0"),
     Case("train_reconstruction_unknown", "train", _plain("model.reconstruction=vdm"), "'vdm'"),
+    Case(
+        "train_adaptive_target_unknown",
+        "train",
+        _plain("noise_sampling=adaptive", "noise_sampling.target=var"),
+        "noise_sampling.target='var'",
+    ),
+    Case(
+        "train_adaptive_discrete",
+        "train",
+        _plain("noise_sampling=adaptive", "model.T=10"),
+        "model.T=10",
+    ),
     # a setting the sampler's class refuses, checked by building the sampler before any compute
     Case("train_pc_snr_negative", "train", _plain("sampler=pc", "sampler.snr=-1"), "snr > 0"),
     Case(

@@ -297,9 +297,10 @@ def test_the_loss_applies_w_over_p_to_the_eps_error(param, sampling):
     den = Denoiser(_KnownEpsError(x0, delta, p), p, schedule)
     for name in conf_options("weighting"):
         weighting = _weighting(name)
-        est, _, lam = WeightedLoss(weighting, ns).diffusion_loss(
+        est, _, levels = WeightedLoss(weighting, ns).diffusion_loss(
             den, x0, generator=torch.Generator().manual_seed(6)
         )
+        lam = levels.log_snr
         implied = est * 2 * torch.exp(ns.log_density(schedule, lam)) / delta.pow(2).sum(1)
         want = torch.exp(implied_log_weight(weighting, p, schedule, lam, dim=2))
         torch.testing.assert_close(implied, want, rtol=1e-6, atol=0, msg=name)
@@ -360,11 +361,11 @@ def test_edm_loss_is_the_mean_square_of_the_preconditioned_output_error(ring_bat
     ||F - F_target||^2, unit weight, ln sigma ~ N(-1.2, 1.2^2) (truncated to the range)."""
     den = _mlp_denoiser("edm")
     loss = WeightedLoss(EDMWeighting(sigma_data=SIGMA_DATA), LogNormal())
-    est, squared, lam = loss.diffusion_loss(
+    est, squared, levels = loss.diffusion_loss(
         den, ring_batch, generator=torch.Generator().manual_seed(2)
     )
     torch.testing.assert_close(est, squared / 2, rtol=1e-10, atol=0)
-    assert lam.std().item() == pytest.approx(2.4, rel=0.05)
+    assert levels.log_snr.std().item() == pytest.approx(2.4, rel=0.05)
 
 
 def test_diffuse_agrees_with_the_flow_path():
@@ -430,8 +431,9 @@ def test_the_elbo_loss_in_one_network_call_is_the_two_call_estimate(param, T):
     one = loss(den, x0, T=T, generator=torch.Generator().manual_seed(11))
     gen = torch.Generator().manual_seed(11)
     rec, prior = endpoint_terms(den, x0, None, 1, generator=gen)
-    diffusion, _, lam = loss.diffusion_loss(den, x0, T=T, generator=gen)
-    torch.testing.assert_close(one.log_snr, lam, rtol=0, atol=0)
+    diffusion, _, levels = loss.diffusion_loss(den, x0, T=T, generator=gen)
+    torch.testing.assert_close(one.log_snr, levels.log_snr, rtol=0, atol=0)
+    torch.testing.assert_close(one.inv_density, levels.inv_density, rtol=0, atol=0)
     torch.testing.assert_close(one.diffusion, diffusion, rtol=1e-10, atol=1e-12)
     two = {"reconstruction": rec.mean(), "prior": prior.mean(), "diffusion": diffusion.mean()}
     for key, value in two.items():

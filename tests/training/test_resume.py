@@ -97,6 +97,12 @@ CASES = {
         False,
         [("SIGINT", 19, 20, 130)],
     ),
+    # the adaptive p(lambda): its histogram is state, saved and restored with the checkpoint
+    "adaptive-sigterm": (
+        ["logger=csv", "noise_sampling=adaptive"],
+        False,
+        [("SIGTERM", 17, 18, 143)],
+    ),
     # another objective: trained to max_steps=10 (inside an epoch) and extended, stopped by
     # SIGTERM, then killed by kill -9 at step 27: it resumes from the step checkpoint of step 25
     "lognormal-sigterm-kill9": (

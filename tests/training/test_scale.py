@@ -113,3 +113,28 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1  # one W&B run
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()).count("last.ckpt") == 1
+
+
+@pytest.mark.slow
+def test_the_adaptive_density_is_reduced_over_ddp_ranks(tmp_path):
+    """2-process DDP with noise_sampling=adaptive: the histogram's moving count after k steps is
+    (1 - d^k) times the examples of both ranks a step (each rank alone would hold half)."""
+    run_dir = tmp_path / "ddp"
+    proc = _train(
+        [
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "noise_sampling=adaptive",
+            "debug=short",
+            "trainer.max_steps=12",
+            "logger=csv",
+            f"hydra.run.dir={run_dir}",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    cfg = ckpt["diffexp_config"]
+    d, k = cfg["noise_sampling"]["decay"], ckpt["global_step"]
+    per_step = 2 * cfg["data"]["batch_size"]
+    count = ckpt["state_dict"]["adaptive.moments"][0].sum().item()
+    assert count == pytest.approx(per_step * (1 - d**k), rel=1e-9), (count, per_step, d, k)

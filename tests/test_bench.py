@@ -1,0 +1,56 @@
+"""The benches of ``make bench`` and the docs run and print their tables (tiny sizes here; the
+measurements themselves are in docs/benchmarks.md with their commands)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+
+ENV = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+
+
+def _bench(*args: str, timeout: int = 600) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_minimal_loop_trains():
+    assert "minimal loop: 5 steps in" in _bench("bench.minimal_loop", "--steps", "5")
+
+
+def test_train_throughput_prints_both_ratios():
+    out = _bench(
+        "bench.train_throughput", "--steps", "10", "--warmup", "2", "--rounds", "1", "--chunk", "5"
+    )
+    assert "ratio framework / plain" in out and "ratio framework / minimal" in out
+
+
+def test_step_profile_prints_every_part():
+    out = _bench("bench.step_profile", "--steps", "10", "--warmup", "2")
+    for part in ("loss forward", "backward", "Adam step", "EMA", "sum"):
+        assert f"| {part} |" in out
+
+
+@pytest.mark.slow
+def test_step_time_differences_whole_processes():
+    out = _bench("bench.step_time", "--short", "2", "--long", "4", "--rounds", "1")
+    assert out.count("ms/step") >= 1 and "| minimal hand-written loop |" in out
+
+
+@pytest.mark.slow
+def test_noise_sampling_variance_prints_its_tables():
+    out = _bench("bench.noise_sampling_variance", "--steps", "20", "--batches", "3")
+    assert out.count("| adaptive |") == 4  # an ELBO row and a variance row per weighting
