@@ -44,6 +44,17 @@ def training_images(datamodule: Any) -> Tensor:
     return dataset[torch.arange(len(dataset))][0]
 
 
+def minimal_loss(net: nn.Module, x0: Tensor, log_snr_max: float, log_snr_min: float) -> Tensor:
+    """1/2 (lambda_max - lambda_min) ||eps - eps_hat||^2 at x_t = a x0 + s eps, lambda uniform on
+    the range (the log-linear schedule's t ~ U(0, 1)), averaged over the batch."""
+    lam = log_snr_max + (log_snr_min - log_snr_max) * torch.rand(x0.shape[0])
+    eps = torch.randn_like(x0)
+    view = (-1,) + (1,) * (x0.dim() - 1)
+    x_t = torch.sigmoid(lam).sqrt().view(view) * x0 + torch.sigmoid(-lam).sqrt().view(view) * eps
+    squared = ((eps - net(x_t, lam, None)) ** 2).flatten(1).sum(dim=1)
+    return 0.5 * (log_snr_max - log_snr_min) * squared.mean()
+
+
 def train_minimal(
     net: nn.Module,
     x_train: Tensor,
@@ -62,21 +73,13 @@ def train_minimal(
     ema = [p.detach().clone() for p in net.parameters()]
     params = list(net.parameters())
     optimizer = torch.optim.Adam(params, lr=lr)
-    lam_max, lam_min = log_snr_max, log_snr_min
     start = time.perf_counter()
     for step, x0 in enumerate(index_batches(x_train, batch, warmup + steps)):
         if step == warmup:
             start = time.perf_counter()
         if marks is not None and step >= warmup and (step - warmup) % every == 0:
             marks.append(time.perf_counter())
-        lam = lam_max + (lam_min - lam_max) * torch.rand(x0.shape[0])
-        eps = torch.randn_like(x0)
-        view = (-1,) + (1,) * (x0.dim() - 1)
-        x_t = (
-            torch.sigmoid(lam).sqrt().view(view) * x0 + torch.sigmoid(-lam).sqrt().view(view) * eps
-        )
-        eps_hat = net(x_t, lam, None)
-        loss = 0.5 * (lam_max - lam_min) * ((eps - eps_hat) ** 2).flatten(1).sum(dim=1).mean()
+        loss = minimal_loss(net, x0, log_snr_max, log_snr_min)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

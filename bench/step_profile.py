@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from bench.minimal_loop import default_setup, index_batches
+from bench.minimal_loop import default_setup, index_batches, minimal_loss
 from bench.train_throughput import _config
 from diffexp.build.factory import build_datamodule, build_module
 
@@ -80,15 +80,7 @@ def main() -> None:
         t = [time.perf_counter()]
         x0 = next(minimal_batches)
         t.append(time.perf_counter())
-        lam = lam_max + (lam_min - lam_max) * torch.rand(x0.shape[0])
-        eps = torch.randn_like(x0)
-        view = (-1,) + (1,) * (x0.dim() - 1)
-        x_t = (
-            torch.sigmoid(lam).sqrt().view(view) * x0 + torch.sigmoid(-lam).sqrt().view(view) * eps
-        )
-        loss = (
-            0.5 * (lam_max - lam_min) * ((eps - net(x_t, lam, None)) ** 2).flatten(1).sum(1).mean()
-        )
+        loss = minimal_loss(net, x0, lam_max, lam_min)
         t.append(time.perf_counter())
         adam.zero_grad(set_to_none=True)
         t.append(time.perf_counter())
