@@ -51,10 +51,15 @@ def test_four_job_sweep_and_compare(tmp_path):
 
     proc = _run("diffexp.compare", str(sweep), "--group-by", "parameterization")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    table = (sweep / "comparison.md").read_text().splitlines()
+    lines = (sweep / "comparison.md").read_text().splitlines()
+    table = lines[: lines.index("")]  # the per-run table, then the groups' section
     assert len(table) == 2 + 4 and "parameterization" in table[0] and "weighting" in table[0]
     assert "val/elbo_nats" in table[0]
+    groups = lines[lines.index("## Groups by parameterization") :]
+    rows = [row for row in groups if row.startswith(("| x0 |", "| eps |"))]
+    assert len(rows) == 2 and all(row.split("|")[2].strip() == "2" for row in rows), rows
     assert (sweep / "val_elbo_nats.png").is_file()
+    assert (sweep / "groups_val_elbo_nats.png").is_file()
 
 
 @pytest.mark.slow
