@@ -83,6 +83,15 @@ class NoiseSampling:
         """Raise a ValueError, before training, when this density cannot serve ``schedule``
         (and a model of T steps, T = 0: continuous time)."""
 
+    def _refuse_steps(self, T: int) -> None:
+        """Continuous noise levels only: a T-step model (T > 0) trains on its own steps."""
+        if T > 0:
+            raise ValueError(
+                f"noise_sampling={self.name} draws continuous noise levels, but model.T={T} "
+                "is a T-step model that trains on its own steps; use noise_sampling=schedule "
+                "with model.T>0, or model.T=0 (continuous time) with any noise_sampling"
+            )
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -165,15 +174,6 @@ class TruncatedNormalLogSNR(NoiseSampling):
             raise ValueError(
                 f"noise_sampling={self.name} ({self!r}) puts no mass on the schedule's log-SNR "
                 f"range [{r.lam_min:g}, {r.lam_max:g}]; move its mean into the range"
-            )
-
-    def _refuse_steps(self, T: int) -> None:
-        """Continuous noise levels only: a T-step model (T > 0) trains on its own steps."""
-        if T > 0:
-            raise ValueError(
-                f"noise_sampling={self.name} draws continuous noise levels, but model.T={T} "
-                "is a T-step model that trains on its own steps; use noise_sampling=schedule "
-                "with model.T>0, or model.T=0 (continuous time) with any noise_sampling"
             )
 
     def from_uniform(self, schedule: Schedule, u: Tensor, T: int = 0) -> DrawnLevels:
@@ -304,12 +304,7 @@ class Adaptive(NoiseSampling, nn.Module):
     def from_uniform(self, schedule: Schedule, u: Tensor, T: int = 0) -> DrawnLevels:
         """lambda by the inverse CDF of the piecewise-uniform p (bins from lambda(1) up), and
         1/p = bin width / bin mass."""
-        if T > 0:
-            raise ValueError(
-                f"noise_sampling=adaptive draws continuous noise levels, but model.T={T} is a "
-                "T-step model that trains on its own steps; use noise_sampling=schedule with "
-                "model.T>0, or model.T=0 (continuous time)"
-            )
+        self._refuse_steps(T)
         edges, mass = self.edges(schedule).to(u.device), self.bin_mass().to(u.device)
         cdf = torch.cat([mass.new_zeros(1), torch.cumsum(mass, 0)])
         cdf = cdf / cdf[-1]
@@ -321,21 +316,24 @@ class Adaptive(NoiseSampling, nn.Module):
         inv_p = width[i] / mass[i]
         return DrawnLevels(lam.to(u.dtype), inv_p.to(u.dtype))
 
+    def _bin(self, edges: Tensor, log_snr: Tensor) -> Tensor:
+        """The bin of each lambda, 0 .. bins - 1 (the range's ends in the end bins)."""
+        return torch.bucketize(log_snr.to(torch.float64), edges, right=True).clamp(1, self.bins) - 1
+
     def log_density(self, schedule: Schedule, log_snr: Tensor) -> Tensor:
         """log p(lambda) = log(bin mass / bin width) of lambda's bin."""
         edges = self.edges(schedule).to(log_snr.device)
         mass = self.bin_mass().to(log_snr.device)
-        i = torch.bucketize(log_snr.to(torch.float64), edges, right=True).clamp(1, self.bins) - 1
+        i = self._bin(edges, log_snr)
         return torch.log(mass[i] / (edges[i + 1] - edges[i])).to(log_snr.dtype)
 
     def observe(self, schedule: Schedule, log_snr: Tensor, weighted_loss: Tensor) -> Tensor:
         """One batch's [count, sum f, sum f^2] per bin [3, bins] (float64), f the examples'
         weighted loss 1/2 w ||eps_hat - eps||^2 (the loss times p(lambda), detached)."""
         edges = self.edges(schedule).to(log_snr.device)
-        lam = log_snr.detach().to(torch.float64)
         f = weighted_loss.detach().to(torch.float64)
-        i = torch.bucketize(lam, edges, right=True).clamp(1, self.bins) - 1
-        stats = torch.zeros(3, self.bins, dtype=torch.float64, device=lam.device)
+        i = self._bin(edges, log_snr.detach())
+        stats = torch.zeros(3, self.bins, dtype=torch.float64, device=f.device)
         stats[0].index_add_(0, i, torch.ones_like(f))
         stats[1].index_add_(0, i, f)
         stats[2].index_add_(0, i, f * f)
@@ -348,8 +346,7 @@ class Adaptive(NoiseSampling, nn.Module):
 
     def check(self, schedule: Schedule, T: int = 0) -> None:
         """Continuous time only."""
-        if T > 0:
-            self.from_uniform(schedule, torch.zeros(1), T)
+        self._refuse_steps(T)
 
     def __repr__(self) -> str:
         return (
