@@ -1,8 +1,10 @@
 """Compare runs offline: ``python -m diffexp.compare <multirun folder | run folders> [options]``.
 
 Reads each run's Hydra config (``.hydra/config.yaml``, its ``seed``, and ``overrides.yaml``), its
-CSV log (``csv/metrics.csv``) and its final numbers (``summary.json``, and an eval's
-``metrics.json`` in the run folder or its ``eval/`` subfolder),
+CSV log (``csv/metrics.csv``) and its final numbers (``summary.json``, ``timing.json``, and an
+eval's ``metrics.json`` in the run folder or its ``eval/`` subfolder; an eval in
+``<run>/eval_<name>/`` adds its numbers as ``<name>/<key>``, so several samplers' evals of one run
+sit side by side),
 and writes ``comparison.md`` (one row per run: its choices and final ELBO terms and bits/dim) and
 PNG plots of validation metrics against training steps, one line per run, coloured by
 ``--group-by`` (config choices such as parameterization). No network is touched.
@@ -62,8 +64,9 @@ COLUMNS = (
     "val/fid_small_sample",
 )
 PLOTTED = ("val/elbo_nats", "val/bpd", "val/diffusion_nats", "val/reconstruction_nats")
-# the files with a run's final numbers: training's summary, an eval's metrics (either place)
-FINAL_FILES = ("summary.json", "metrics.json", "eval/metrics.json")
+# the files with a run's final numbers: training's summary and fit time, an eval's metrics
+# (either place); an eval written to <run>/eval_<name>/ adds its numbers as <name>/<key>
+FINAL_FILES = ("summary.json", "timing.json", "metrics.json", "eval/metrics.json")
 RUN_FOLDER = (
     "a run folder must contain .hydra/config.yaml (Hydra writes it when the run starts) and, "
     "once the run has finished, csv/metrics.csv and summary.json"
@@ -248,12 +251,14 @@ def _final(run_dir: Path) -> dict[str, float]:
     present = [name for name in FINAL_FILES if (run_dir / name).exists()]
     if not present:
         raise BrokenFile("no summary.json (the run did not finish: killed or still running)")
+    named = sorted(p.parent.name for p in run_dir.glob("eval_?*/metrics.json"))
     final: dict[str, float] = {}
-    for name in present:
+    for name in [*present, *(f"{folder}/metrics.json" for folder in named)]:
         data = _read_json(run_dir, name)
+        prefix = f"{name.split('/')[0].removeprefix('eval_')}/" if name.startswith("eval_") else ""
         final.update(
             {
-                k: v
+                prefix + k: v
                 for k, v in data.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool)
             }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     with training_run(cfg, continue_csv_before=plan.step if continuing else None) as trainer:
         if trainer.is_global_zero and plan is None:
             log_implied_weighting(module, datamodule.dim, trainer, Path(cfg.paths.output_dir))
+        fit_time = math.nan
         if module.has_trainable_parameters():
+            start = time.perf_counter()
             fit(trainer, module, datamodule, plan)
+            fit_time = time.perf_counter() - start
         else:
             from diffexp.training.loggers import log
 
@@ -64,6 +68,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             if trainer.is_global_zero:
                 print(summary_line(metrics))
                 write_json(Path(cfg.paths.output_dir) / "summary.json", metrics)
+                # wall time of this process's fit, its validations included (a resumed run: the
+                # last leg); apart from summary.json, which a resumed run reproduces exactly
+                if not math.isnan(fit_time):
+                    write_json(Path(cfg.paths.output_dir) / "timing.json", {"fit_time_s": fit_time})
     return metrics
 
 

@@ -38,6 +38,20 @@ def test_compare_tabulates_chosen_eval_columns_per_run(tmp_path):
     assert lines[3] == "| 1 | linear | -0.2500 | 52.1000 |"
 
 
+def test_named_evals_and_the_fit_time_sit_side_by_side_in_one_row(tmp_path):
+    run = _run(tmp_path, "0", "cosine", {"elbo_nats": -0.5}, {"val/elbo_nats": -0.4})
+    (run / "timing.json").write_text(json.dumps({"fit_time_s": 81.5}))
+    for name, kl in (("ddim20", 0.25), ("ancestral100", 0.0625)):
+        (run / f"eval_{name}").mkdir()
+        (run / f"eval_{name}" / "metrics.json").write_text(
+            json.dumps({"sample_kl_nats": kl, "elbo_nats": -9.0, "sampler": "text"})
+        )
+    columns = ["elbo_nats", "ddim20/sample_kl_nats", "ancestral100/sample_kl_nats", "fit_time_s"]
+    lines = compare([tmp_path], columns=columns).read_text().splitlines()
+    # eval/ keeps its plain names; eval_<name>/ is prefixed and never overwrites them
+    assert lines[2] == "| 0 | ring8 | cosine | -0.5000 | 0.2500 | 0.0625 | 81.5000 |"
+
+
 def test_compare_names_the_known_columns_when_one_is_missing(tmp_path):
     _run(tmp_path, "0", "cosine", {"elbo_nats": -0.5}, {"val/elbo_nats": -0.4})
     with pytest.raises(KeyError, match="the runs have: \\['elbo_nats', 'val/elbo_nats'\\]"):

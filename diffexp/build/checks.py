@@ -301,9 +301,43 @@ def check_samplers(cfg: DictConfig, keys: Sequence[str]) -> None:
             ) from None
 
 
+# the optimizer's parameter groups that model.grad_clip may clip (DiffusionModule's names)
+GRAD_CLIP_GROUPS = ("network", "schedule")
+GRAD_CLIP_FIX = (
+    "Write model.grad_clip={network:1.0} (a maximum gradient norm per parameter group; groups: "
+    "network, and schedule with a learned schedule), or model.grad_clip=null for no clipping."
+)
+
+
+def check_grad_clip(cfg: DictConfig) -> None:
+    """``model.grad_clip``: null, or a mapping of parameter group to a positive max norm."""
+    if interpolated(cfg, "model.grad_clip"):
+        return
+    value = lookup(cfg, "model.grad_clip")
+    if value is _ABSENT or value is None:
+        return
+    if not isinstance(value, DictConfig):
+        raise ConfigError(
+            f"model.grad_clip={value!r} is not a mapping of parameter group to maximum norm "
+            f"(each group is clipped alone). {GRAD_CLIP_FIX}"
+        )
+    for group, norm in value.items():
+        if group not in GRAD_CLIP_GROUPS:
+            raise ConfigError(
+                f"model.grad_clip.{group}: no parameter group is called {group!r}. " + GRAD_CLIP_FIX
+            )
+        number = _as_number(norm, integer=False)
+        if norm is not None and (number is None or number <= 0):
+            raise ConfigError(
+                f"model.grad_clip.{group}={norm!r} is not a maximum norm: expected a number > 0 "
+                f"or null. {GRAD_CLIP_FIX}"
+            )
+
+
 def check_train(cfg: DictConfig) -> None:
     """Refuse a training config whose values are of the wrong type or out of range."""
     check_rules(cfg, TRAIN_RULES)
+    check_grad_clip(cfg)
     check_samplers(cfg, ["sampler", "callbacks.samples.sampler"])
 
 

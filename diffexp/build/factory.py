@@ -192,16 +192,26 @@ def build_module(cfg: DictConfig, datamodule: Any) -> DiffusionModule:
         "reconstruction_nll": reconstruction_nll_of(datamodule),
     }
     try:
-        return DiffusionModule(
+        module = DiffusionModule(
             **pieces,
             T=model.get("T", 0),
             ema_decay=model.get("ema_decay"),
             schedule_lr=model.get("schedule_lr"),
             reconstruction=model.get("reconstruction", "denoiser"),
+            grad_clip=model.get("grad_clip"),
             config=OmegaConf.to_container(cfg, resolve=True),
         )
     except ValueError as err:  # the module refuses a combination of options
         raise ConfigError(str(err)) from err
+    clip = cfg.get("trainer", {}).get("gradient_clip_val")
+    if clip and any(p.requires_grad for p in module.schedule.parameters()):
+        raise ConfigError(
+            f"trainer.gradient_clip_val={clip} clips one norm over all parameters, and a learned "
+            "schedule's gradient (in nats^2 under its variance objective) would set the "
+            "network's scale. Clip each group alone: trainer.gradient_clip_val=null "
+            f"model.grad_clip={{network:{clip}}} (and schedule:<norm> to clip the schedule too)."
+        )
+    return module
 
 
 def reconstruction_nll_of(datamodule: Any) -> Any:

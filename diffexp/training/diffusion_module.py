@@ -11,7 +11,7 @@ EMA weights (``training.ema.EMA``) are what is evaluated and sampled.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytorch_lightning as pl
@@ -64,6 +64,7 @@ class DiffusionModule(pl.LightningModule):
         p_uncond: float = 0.0,
         noise_sampling: NoiseSampling | None = None,
         reconstruction: str = "denoiser",
+        grad_clip: Mapping[str, float | None] | None = None,
     ) -> None:
         super().__init__()
         self.denoiser = denoiser
@@ -78,6 +79,17 @@ class DiffusionModule(pl.LightningModule):
         self.reconstruction_nll = reconstruction_nll
         self.config = config or {}
         self.p_uncond = float(p_uncond)
+        # max gradient norm per parameter group (GRAD_CLIP_GROUPS), each group clipped alone
+        self.grad_clip = {k: float(v) for k, v in (grad_clip or {}).items() if v is not None}
+        if "schedule" in self.grad_clip and not any(
+            p.requires_grad for p in denoiser.schedule.parameters()
+        ):
+            raise ValueError(
+                f"model.grad_clip.schedule={self.grad_clip['schedule']}: the schedule "
+                f"({type(denoiser.schedule).__name__}) has no trained parameters to clip. Clip "
+                "the network only (model.grad_clip={network:1.0}), or train a learned schedule "
+                "(schedule=learned)."
+            )
         check_objective(self.objective, denoiser.schedule, self.T, denoiser.parameterization)
         self._noise_generator: torch.Generator | None = None
         self._pending_noise_state: Tensor | None = None
@@ -319,6 +331,25 @@ class DiffusionModule(pl.LightningModule):
                 group["lr"] = self.schedule_lr
             groups.append(group)
         return optimizers_with_schedule(self.optimizer_factory(groups), self.lr_scheduler_factory)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """The trainer's clipping (``trainer.gradient_clip_val``, over all parameters), then
+        ``grad_clip``'s: g <- g min(1, c / ||g||) with ||g|| the norm of one parameter group's
+        gradient only (a learned schedule's variance gradient is in nats^2: clipped with the
+        network's, it would set the network's scale). Logs each clipped group's norm before."""
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        for group in optimizer.param_groups:
+            max_norm = self.grad_clip.get(group.get("name", ""))
+            if max_norm is None:
+                continue
+            norm = torch.nn.utils.clip_grad_norm_(group["params"], max_norm, foreach=True)
+            if self._is_logging_step():
+                self.log(f"train/grad_norm/{group['name']}", norm)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the config (to rebuild the model) and the RNGs (to resume exactly): the

@@ -29,6 +29,7 @@ CHOICE_GROUPS = (
     "network",
     "sampler",
     "guidance",
+    "objective",
 )
 
 

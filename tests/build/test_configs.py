@@ -121,6 +121,54 @@ def test_objective_presets_compose_for_cifar10(compose, preset):
         assert module.objective.weighting.sigma_data == 0.5
 
 
+# objective preset -> (parameterization, weighting, noise sampling, schedule) it composes
+OBJECTIVES = {
+    "vdm": ("Eps", "elbo", "schedule", "LogLinear"),
+    "vdm_adaptive": ("Eps", "elbo", "adaptive", "LogLinear"),
+    "v_sigmoid": ("V", "sigmoid", "schedule", "LogLinear"),
+    "v_sigmoid_adaptive": ("V", "sigmoid", "adaptive", "LogLinear"),
+    "edm": ("EDM", "edm", "lognormal", "LogLinear"),
+    "edm_adaptive": ("EDM", "edm", "adaptive", "LogLinear"),
+    "x0_edm": ("EDM", "elbo", "schedule", "LogLinear"),
+    "flow": ("Flow", "unit", "schedule", "RectifiedFlow"),
+    "flow_logit_normal": ("Flow", "unit", "logit_normal", "RectifiedFlow"),
+    "flow_adaptive": ("Flow", "unit", "adaptive", "RectifiedFlow"),
+}
+
+
+def _objective(module) -> tuple[str, str, str, str]:
+    return (
+        type(module.denoiser.parameterization).__name__,
+        module.objective.weighting.name,
+        module.objective.noise_sampling.name,
+        type(module.schedule).__name__,
+    )
+
+
+@pytest.mark.parametrize("objective", conf_options("objective"))
+def test_objective_presets_set_the_objective_over_an_experiments(compose, objective):
+    assert objective in OBJECTIVES, f"conf/objective/{objective}.yaml: add it to OBJECTIVES"
+    for data in ([], ["experiment=digits"]):  # digits sets eps/unit: the objective wins
+        cfg = compose([*data, f"objective={objective}"])
+        assert _objective(build_module(cfg, build_datamodule(cfg.data))) == OBJECTIVES[objective]
+
+
+def test_the_vdmpp_ablation_sweeps_every_objective_preset_over_three_seeds(compose):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = compose(["experiment=ablation_objectives_vdmpp"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    parser = OverridesParser.create()
+    swept = {
+        k: parser.parse_override(f"{k}={v}").sweep_string_iterator() for k, v in params.items()
+    }
+    assert sorted(swept["objective"]) == sorted(conf_options("objective"))
+    assert list(swept["seed"]) == ["0", "1", "2"]
+    digits = compose(["experiment=ablation_objectives_vdmpp_digits"], return_hydra_config=True)
+    objectives = str(digits.hydra.sweeper.params.objective).split(",")
+    assert set(objectives) <= set(OBJECTIVES) and not any("adaptive" in o for o in objectives)
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [
