@@ -168,6 +168,15 @@ TRAIN_RULES: tuple[Rule, ...] = (
     Rule("trainer.log_every_n_steps", "int", low=1, fix="Set trainer.log_every_n_steps=50."),
     Rule("trainer.num_nodes", "int", low=1),
     Rule(
+        "trainer.precision",
+        "choice",
+        allowed=("32-true", "32", 32, "bf16-mixed", "16-mixed", "64-true", "64", 64),
+        fix="Use 32-true (the default), bf16-mixed (the network in bf16, the ELBO's math in "
+        "float32) or 16-mixed (float16 with a gradient scaler); 64-true runs everything in "
+        "float64. bf16-true and 16-true are refused: the ELBO's terms are differences of large "
+        "numbers (SNR up to e^10) that 8 or 11 bits of mantissa cannot hold.",
+    ),
+    Rule(
         "model.T",
         "int",
         low=0,

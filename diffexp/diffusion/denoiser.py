@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from diffexp.diffusion.noise_level import NoiseLevel
 from diffexp.diffusion.parameterizations import Parameterization
 from diffexp.diffusion.schedules import Schedule
+from diffexp.diffusion.tensors import full_precision
 
 
 def broadcast_like(v: Tensor, x: Tensor) -> Tensor:
@@ -93,14 +94,20 @@ class Denoiser(nn.Module):
         *,
         log_snr: Tensor | None = None,
     ) -> DenoiserOutput:
-        """Estimates at time t (lambda = schedule(t)) or directly at ``log_snr``."""
-        log_snr = resolve_log_snr(self.schedule, x_t, t, log_snr)
-        lam = broadcast_like(log_snr, x_t)
-        out = self.network(self.parameterization.network_input(x_t, lam), log_snr, y)
+        """Estimates at time t (lambda = schedule(t)) or directly at ``log_snr``.
+
+        Only the network runs under an ambient autocast (bf16-mixed); its output is cast back
+        to x_t's dtype, and the schedule and the parameterization run in that dtype."""
+        with full_precision(x_t):
+            log_snr = resolve_log_snr(self.schedule, x_t, t, log_snr)
+            lam = broadcast_like(log_snr, x_t)
+            net_in = self.parameterization.network_input(x_t, lam)
+        out = self.network(net_in, log_snr, y).to(x_t.dtype)
         if out.shape != x_t.shape:
             raise ValueError(
                 f"{type(self.network).__name__} returned shape {tuple(out.shape)} for input "
                 f"{tuple(x_t.shape)}; a denoising network must return the input's shape"
             )
-        x0_hat, eps_hat = self.parameterization.convert(out, x_t, lam)
+        with full_precision(x_t):
+            x0_hat, eps_hat = self.parameterization.convert(out, x_t, lam)
         return DenoiserOutput(x0_hat=x0_hat, eps_hat=eps_hat, out=out, log_snr=lam)

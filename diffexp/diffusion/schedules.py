@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffexp.diffusion.noise_level import NoiseLevel
-from diffexp.diffusion.tensors import device_of
+from diffexp.diffusion.tensors import device_of, full_precision
 
 
 def _log_expm1(x: Tensor) -> Tensor:
@@ -52,7 +52,7 @@ class Schedule(nn.Module):
     def log_snr_and_derivative(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """(lambda(t), d lambda / dt), the derivative by autograd (differentiable itself)."""
         keep_graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        with torch.enable_grad():
+        with torch.enable_grad(), full_precision(t):  # the backward pass of f too
             t_ = t.detach().requires_grad_(True)
             lam = self.log_snr(t_)
             (dlam,) = torch.autograd.grad(lam.sum(), t_, create_graph=keep_graph)
@@ -275,7 +275,10 @@ class _MonotoneLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n_out))
 
     def forward(self, x: Tensor) -> Tensor:
-        return x @ F.softplus(self.weight_raw).to(x.dtype).T + self.bias.to(x.dtype)
+        """x W^T + b with W = softplus(raw) > 0, in x's dtype even under autocast (a schedule is
+        part of the ELBO's math, never run in bf16)."""
+        with full_precision(x):
+            return x @ F.softplus(self.weight_raw).to(x.dtype).T + self.bias.to(x.dtype)
 
 
 class InteriorGradScale:
@@ -368,7 +371,7 @@ class Learned(Schedule):
         ``scaled_interior_gradient`` the gradient reaching the interior through f(t) and f'(t)
         is multiplied per example by the factors set on the context's ``InteriorGradScale``."""
         keep_graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        with torch.enable_grad():
+        with torch.enable_grad(), full_precision(t):  # the backward pass of f too
             t_ = t.detach().requires_grad_(True)
             frac = self._frac(t_)
             (dfrac,) = torch.autograd.grad(frac.sum(), t_, create_graph=keep_graph)
