@@ -1,6 +1,6 @@
 """bf16 with exact ELBO math: under autocast (``trainer.precision=bf16-mixed``) only the network
-runs in bf16; the schedule, the parameterization's conversion, the KLs, the decoder and the reductions
-run in float32. Checked on CPU autocast, which rounds exactly as a GPU's bf16 does.
+runs in bf16; the schedule, the parameterization's conversion, the KLs, the decoder and the
+reductions run in float32. Checked on CPU autocast, which rounds exactly as a GPU's bf16 does.
 
 The check is an identity, not a tolerance: the ELBO computed under autocast must equal, to the
 last bit, the float32 ELBO computed on the bf16 network's outputs (replayed). Whatever differs
