@@ -192,6 +192,7 @@ TRAIN_RULES: tuple[Rule, ...] = (
         fix="Use model.ema_decay=0.999 (the default), or null (or 0) for no EMA.",
     ),
     Rule("model.schedule_lr", "float", low=0.0, nullable=True),
+    Rule("model.compile", "bool", fix="Use model.compile=true to compile the network, or false."),
     Rule("model.optimizer.lr", "float", low=0.0, fix="Set model.optimizer.lr=2e-3 (the default)."),
     Rule("model.lr_scheduler.warmup_steps", "int", low=0),
     Rule("model.lr_scheduler.final_frac", "float", low=0.0, high=1.0),

@@ -199,6 +199,7 @@ def build_module(cfg: DictConfig, datamodule: Any) -> DiffusionModule:
             schedule_lr=model.get("schedule_lr"),
             reconstruction=model.get("reconstruction", "denoiser"),
             grad_clip=model.get("grad_clip"),
+            compile_network=bool(model.get("compile", False)),
             config=OmegaConf.to_container(cfg, resolve=True),
         )
     except ValueError as err:  # the module refuses a combination of options

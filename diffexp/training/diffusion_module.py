@@ -65,6 +65,7 @@ class DiffusionModule(pl.LightningModule):
         noise_sampling: NoiseSampling | None = None,
         reconstruction: str = "denoiser",
         grad_clip: Mapping[str, float | None] | None = None,
+        compile_network: bool = False,
     ) -> None:
         super().__init__()
         self.denoiser = denoiser
@@ -81,6 +82,7 @@ class DiffusionModule(pl.LightningModule):
         self.p_uncond = float(p_uncond)
         # max gradient norm per parameter group (GRAD_CLIP_GROUPS), each group clipped alone
         self.grad_clip = {k: float(v) for k, v in (grad_clip or {}).items() if v is not None}
+        self.compile_network = bool(compile_network)
         if "schedule" in self.grad_clip and not any(
             p.requires_grad for p in denoiser.schedule.parameters()
         ):
@@ -109,6 +111,8 @@ class DiffusionModule(pl.LightningModule):
         (the global RNG is left as ``seed_everything`` set it)."""
         self._rank_seed = int(torch.initial_seed()) + self.trainer.global_rank
         self._defer_finite_check = self.device.type != "cpu"
+        if self.compile_network and stage == "fit":
+            compile_in_place(self.denoiser.network)
 
     @property
     def rank_seed(self) -> int:
@@ -380,6 +384,14 @@ class DiffusionModule(pl.LightningModule):
             self._pending_noise_state = state
             self._noise_generator = None
         self._pending_torch_rng_state = checkpoint.get("torch_rng_state")
+
+
+def compile_in_place(network: torch.nn.Module) -> None:
+    """``torch.compile`` the network's forward in place (``nn.Module.compile``): its parameters
+    and state-dict keys are unchanged, so checkpoints and the EMA copy (eager) are as without.
+    The loss, the schedule and the ELBO stay Python."""
+    if getattr(network, "_compiled_call_impl", None) is None:
+        network.compile()
 
 
 def check_objective(
