@@ -105,6 +105,8 @@ MAY_CHANGE_ON_RESUME = (
     "trainer.check_val_every_n_epoch",
     "trainer.limit_val_batches",
     "trainer.default_root_dir",
+    # compiling the network changes how it runs, not what it computes
+    "model.compile",
     "logger",
     "callbacks",
     "sampler",
