@@ -127,6 +127,7 @@ OBJECTIVES = {
     "vdm_adaptive": ("Eps", "elbo", "adaptive", "LogLinear"),
     "v_sigmoid": ("V", "sigmoid", "schedule", "LogLinear"),
     "v_sigmoid_adaptive": ("V", "sigmoid", "adaptive", "LogLinear"),
+    "v_cosine": ("V", "unit", "schedule", "Cosine"),
     "edm": ("EDM", "edm", "lognormal", "LogLinear"),
     "edm_adaptive": ("EDM", "edm", "adaptive", "LogLinear"),
     "x0_edm": ("EDM", "elbo", "schedule", "LogLinear"),
