@@ -206,8 +206,11 @@ def _nfe_formula(sampler: Sampler, steps: int) -> int | None:
     if isinstance(sampler, ProbabilityFlowODE):
         if sampler.adaptive:
             return None
+        n = steps - end
+        if sampler.solver == "explicit_adams":  # two RK4 steps start the 4-step history
+            return 4 * min(n, 2) + max(n - 2, 0) + extra
         per_step = {"heun": 2, "euler": 1, "rk4": 4, "midpoint": 2}[sampler.solver]
-        return per_step * (steps - end) + extra
+        return per_step * n + extra
     if isinstance(sampler, AnnealedLangevin):
         return sampler.steps_per_level * (steps - end) + extra
     if isinstance(sampler, PredictorCorrector):
@@ -232,12 +235,13 @@ NFE_CASES = [
     DPMSolverPP2M(time_grid="karras"),
     ProbabilityFlowODE(solver="rk4", time_grid="log_snr"),
     ProbabilityFlowODE(solver="midpoint", final_denoise=LAST),
+    ProbabilityFlowODE(solver="explicit_adams", time_grid="log_snr"),
     ProbabilityFlowODE(solver="dopri5", rtol=1e-3, atol=1e-3),
     AnnealedLangevin(steps_per_level=3),
     AnnealedLangevin(steps_per_level=2, final_denoise=LAST),
     PredictorCorrector(predictor="ancestral", corrector_steps=2),
     PredictorCorrector(predictor="ddim", final_denoise=LAST),
-    PredictorCorrector(predictor="sde", final_denoise=False, step_size="per_example"),
+    PredictorCorrector(predictor="sde", final_denoise=False),
 ]
 
 
@@ -281,6 +285,9 @@ INVALID_SETTINGS = [
     (ProbabilityFlowODE, {"solver": "dopri5", "rtol": 0.0}, "rtol"),
     (PredictorCorrector, {"corrector_steps": -1}, "corrector_steps"),
     (PredictorCorrector, {"snr": -1.0}, "snr"),
+    (PredictorCorrector, {"step_size": "per_example"}, "step_size='per_example' is refused"),
+    (ProbabilityFlowODE, {"solver": "fehlberg2"}, "'fehlberg2' is refused"),
+    (ProbabilityFlowODE, {"solver": "implicit_adams"}, "'implicit_adams' is refused"),
     (AnnealedLangevin, {"step_scale": -1.0}, "step_scale"),
     (AnnealedLangevin, {"steps_per_level": 0}, "steps_per_level"),
 ]
