@@ -12,7 +12,8 @@ import torch
 from diffexp.build.factory import build_datamodule, build_module
 from diffexp.training.diffusion_module import compile_in_place
 
-CASES = {"mlp": [], "unet_small": ["experiment=digits"]}
+# digits without the FID monitor: its feature classifier is an artifact a fresh clone lacks
+CASES = {"mlp": [], "unet_small": ["experiment=digits", "~callbacks.fid"]}
 
 
 @pytest.mark.slow
