@@ -363,6 +363,8 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
         "bpd = -ELBO / (d ln 2) on the data as given (continuous data: a density, no "
         "dequantization)",
     }
+    if model.posthoc_ema is not None:  # ema.sigma_rel: a reconstructed post-hoc EMA
+        metrics["posthoc_ema"] = model.posthoc_ema
     metrics.update(elbo_report(model, cfg))
     metrics.update(ode_likelihood_report(model, cfg))
     metrics.update(estimators_report(model, cfg))

@@ -196,6 +196,7 @@ def build_module(cfg: DictConfig, datamodule: Any) -> DiffusionModule:
             **pieces,
             T=model.get("T", 0),
             ema_decay=model.get("ema_decay"),
+            ema_warmup=model.get("ema_warmup"),
             schedule_lr=model.get("schedule_lr"),
             reconstruction=model.get("reconstruction", "denoiser"),
             grad_clip=model.get("grad_clip"),

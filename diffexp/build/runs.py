@@ -54,6 +54,8 @@ class LoadedModel:
     T: int
     source: str
     config: DictConfig
+    # with ema.sigma_rel: how the post-hoc EMA was reconstructed (posthoc_ema_plan's report)
+    posthoc_ema: dict[str, Any] | None = None
 
     @property
     def reconstruction_nll(self) -> ReconstructionNLL:
@@ -87,6 +89,7 @@ def check_request(cfg: DictConfig) -> None:
             )
     elif device != "cpu" and not device.startswith("mps"):
         raise ConfigError(f"device={device!r} is not a device: expected cpu or cuda (cuda:<k>).")
+    posthoc_ema_plan(cfg)
 
 
 def chosen_labels(cfg: DictConfig) -> list[int] | None:
@@ -307,6 +310,7 @@ def load_model(
 
     source = f"run={cfg.run}" if cfg.get("run") else f"ckpt={cfg.ckpt}"
     key = "run" if cfg.get("run") else "ckpt"
+    posthoc = posthoc_ema_plan(cfg)  # refused before the checkpoint is read
     state = load_checkpoint(path, key=key)
     train_cfg = OmegaConf.create(state["diffexp_config"])
     refuse_checkpoint_overrides(cfg, train_cfg, overrides, source)
@@ -317,8 +321,11 @@ def load_model(
     module = build_module(train_cfg, datamodule)
     load_weights(module, state["state_dict"], checkpoint_name(path, key), train_cfg)
     denoiser = module.eval_denoiser if cfg.get("use_ema", True) else module.denoiser
+    report = None
+    if posthoc is not None:
+        report = apply_posthoc_ema(denoiser, posthoc)
     denoiser.eval()
-    return LoadedModel(denoiser.to(device), datamodule, module.T, str(path), train_cfg)
+    return LoadedModel(denoiser.to(device), datamodule, module.T, str(path), train_cfg, report)
 
 
 def _seed(seed: int | None) -> None:
@@ -365,6 +372,162 @@ def load_weights(module: Any, weights: dict[str, Any], where: str, train_cfg: Di
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0]
         raise ConfigError(f"{where}: its weights cannot be loaded: {first}") from None
+
+
+# ---------------------------------------------------------------------- post-hoc EMA
+@dataclass
+class PostHocPlan:
+    """A post-hoc EMA to evaluate: the snapshots, their coefficients and what to report."""
+
+    snapshots: list[Any]
+    coefficients: Any
+    report: dict[str, Any]
+
+
+def posthoc_ema_plan(cfg: DictConfig) -> PostHocPlan | None:
+    """With ``ema.sigma_rel`` set: the reconstruction of that EMA from the run's snapshots
+    (``training.posthoc_ema``), checked; None when unset. Refused (``ConfigError``): no run, a
+    sigma_rel that no power-function EMA has, no snapshots, or snapshots that cannot represent
+    the target profile within ``ema.max_error`` (relative L2). Reads only the snapshots'
+    metadata (memory-mapped); imports torch only when set."""
+    ema = cfg.get("ema") or {}
+    sigma_rel = ema.get("sigma_rel")
+    if sigma_rel is None:
+        return None
+    from diffexp.training.posthoc_ema import (
+        DEFAULT_SIGMA_RELS,
+        SIGMA_REL_MAX,
+        plan_reconstruction,
+        read_snapshots,
+        sigma_rel_to_gamma,
+    )
+
+    tracked = ",".join(str(s) for s in DEFAULT_SIGMA_RELS)
+    if isinstance(sigma_rel, bool) or not isinstance(sigma_rel, (int, float)):
+        raise ConfigError(
+            f"ema.sigma_rel={sigma_rel!r} is not a number: expected the relative width of the EMA "
+            f"to evaluate, 0 < sigma_rel <= {SIGMA_REL_MAX:.4f}, e.g. ema.sigma_rel=0.07 (EDM2 "
+            f"tracks {tracked}), or null for the checkpoint's weights."
+        )
+    if not 0.0 < float(sigma_rel) <= SIGMA_REL_MAX:
+        raise ConfigError(
+            f"ema.sigma_rel={sigma_rel} is out of range: a power-function EMA's width relative to "
+            f"the training time is in (0, {SIGMA_REL_MAX:.4f}] (sigma_rel = (g+1)^(1/2) / ((g+2) "
+            f"(g+3)^(1/2)) for an exponent g > -1). Set ema.sigma_rel near the run's tracked "
+            f"ones (callbacks.posthoc_ema.sigma_rels, by default {tracked}), e.g. "
+            "ema.sigma_rel=0.07, or ema.sigma_rel=null for the checkpoint's weights."
+        )
+    max_error = ema.get("max_error", 0.05)
+    if isinstance(max_error, bool) or not isinstance(max_error, (int, float)) or max_error <= 0:
+        raise ConfigError(
+            f"ema.max_error={max_error!r} is not a number > 0: expected the largest relative L2 "
+            "distance between the reconstructed and the target EMA profile to accept, e.g. "
+            "ema.max_error=0.05 (the default)."
+        )
+    if cfg.get("use_ema", True) is False:
+        raise ConfigError(
+            f"use_ema=false asks for the raw trained weights and ema.sigma_rel={sigma_rel} for a "
+            "post-hoc EMA of them: drop one (ema.sigma_rel=null for the raw weights, or "
+            "use_ema=true with ema.sigma_rel)."
+        )
+    run, ckpt, folder = cfg.get("run"), cfg.get("ckpt"), ema.get("dir")
+    if folder is None:
+        if not run and not ckpt:
+            raise ConfigError(
+                f"ema.sigma_rel={sigma_rel} reconstructs an EMA from a training run's snapshots, "
+                "but no run is given (the configured network has no training). Pass "
+                "run=<a run trained with callbacks=posthoc_ema>, or drop ema.sigma_rel."
+            )
+        # a checkpoint file is <run>/checkpoints/<name>.ckpt
+        base = Path(str(run)) if run else Path(str(ckpt)).expanduser().resolve().parent.parent
+        folder = base.expanduser() / "posthoc_ema"
+    folder = Path(str(folder)).expanduser()
+    where = f"ema.dir={folder}" if ema.get("dir") is not None else f"{folder}"
+    try:
+        snapshots = read_snapshots(folder)
+    except Exception as err:  # noqa: BLE001 - a file torch cannot read: say which
+        raise ConfigError(
+            f"ema.sigma_rel={sigma_rel}: a snapshot in {where} cannot be read ({err}). Remove "
+            "the damaged snapshot_<step>.pt (the others still reconstruct the EMA) and retry."
+        ) from None
+    if not snapshots:
+        state = "has no snapshot_<step>.pt files" if folder.is_dir() else "does not exist"
+        raise ConfigError(
+            f"ema.sigma_rel={sigma_rel} needs the run's post-hoc EMA snapshots, but {where} "
+            f"{state}. Train the run with callbacks=posthoc_ema (it writes "
+            "<run>/posthoc_ema/snapshot_<step>.pt), pass ema.dir=<the snapshot folder>, or "
+            "set ema.sigma_rel=null to evaluate the checkpoint's weights."
+        )
+    x, error, t = plan_reconstruction(snapshots, float(sigma_rel))
+    stored = sorted({round(g, 12) for s in snapshots for g in s.gammas})
+    from diffexp.training.posthoc_ema import gamma_to_sigma_rel
+
+    stored_sigma = ", ".join(f"{gamma_to_sigma_rel(g):.3g}" for g in stored)
+    if error > float(max_error):
+        raise ConfigError(
+            f"ema.sigma_rel={sigma_rel}: the {len(snapshots)} snapshots in {where} (steps "
+            f"{snapshots[0].step}..{snapshots[-1].step}, sigma_rel {stored_sigma}) reconstruct "
+            f"its profile only to a relative L2 error of {error:.3g} > ema.max_error="
+            f"{max_error}. Choose an ema.sigma_rel nearer the stored ones (values between them "
+            "reconstruct best), snapshot more often (callbacks.posthoc_ema.every_n_steps), or "
+            "accept a larger error (ema.max_error)."
+        )
+    report = {
+        "sigma_rel": float(sigma_rel),
+        "gamma": sigma_rel_to_gamma(float(sigma_rel)),
+        "step": max(s.step for s in snapshots if s.t == t),
+        "t": t,
+        "n_snapshots": len(snapshots),
+        "stored_sigma_rels": [gamma_to_sigma_rel(g) for g in stored],
+        "profile_error": error,
+        "dir": str(folder),
+    }
+    return PostHocPlan(snapshots, x, report)
+
+
+def apply_posthoc_ema(denoiser: nn.Module, plan: PostHocPlan) -> dict[str, Any]:
+    """Replace ``denoiser``'s weights by the reconstruction of ``plan``; returns its report.
+    The snapshots must hold every tensor of the denoiser (tied tensors once)."""
+    import torch
+
+    from diffexp.training.posthoc_ema import reconstruct
+
+    weights = reconstruct(plan.snapshots, plan.coefficients)
+    targets = denoiser.state_dict(keep_vars=True)
+    done: set[int] = set()
+    missing = []
+    for name, tensor in targets.items():
+        if name in weights:
+            if tuple(weights[name].shape) != tuple(tensor.shape):
+                missing.append(f"{name} (shape {list(weights[name].shape)})")
+                continue
+            with torch.no_grad():
+                tensor.data.copy_(weights[name].to(tensor.dtype))
+            done.add(id(tensor))
+    missing += [n for n, t in targets.items() if n not in weights and id(t) not in done]
+    unexpected = [n for n in weights if n not in targets]
+    if missing or unexpected:
+        first = (missing or unexpected)[0]
+        raise ConfigError(
+            f"ema.sigma_rel={plan.report['sigma_rel']}: the snapshots in {plan.report['dir']} do "
+            f"not fit the run's denoiser ({len(missing)} of its tensors missing or of another "
+            f"shape, {len(unexpected)} unknown; e.g. {first}): they were written by another "
+            "run. Pass ema.dir=<this run's posthoc_ema folder>, or set ema.sigma_rel=null."
+        )
+    from diffexp.training.loggers import log
+
+    r = plan.report
+    log.info(
+        "post-hoc EMA sigma_rel=%s (gamma %.3f) at step %d from %d snapshots in %s: profile "
+        "error %.2e",
+        r["sigma_rel"],
+        r["gamma"],
+        r["step"],
+        r["n_snapshots"],
+        r["dir"],
+        r["profile_error"],
+    )
+    return r
 
 
 # ---------------------------------------------------------------------- guidance and labels

@@ -27,7 +27,7 @@ from diffexp.diffusion.loss import HEAVY_TAILED_SPREAD, LossOutput, WeightedLoss
 from diffexp.diffusion.noise_sampling import Adaptive, NoiseSampling, ScheduleTimes
 from diffexp.diffusion.schedules import Learned, Schedule
 from diffexp.diffusion.weighting import ELBO, Weighting
-from diffexp.training.ema import EMA
+from diffexp.training.ema import EMA, EMAWarmup
 from diffexp.training.optim import optimizers_with_schedule
 from diffexp.training.resume import data_position, reopen_stopped_epoch, start_next_epoch
 
@@ -66,6 +66,7 @@ class DiffusionModule(pl.LightningModule):
         reconstruction: str = "denoiser",
         grad_clip: Mapping[str, float | None] | None = None,
         compile_network: bool = False,
+        ema_warmup: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.denoiser = denoiser
@@ -104,7 +105,14 @@ class DiffusionModule(pl.LightningModule):
         self._defer_finite_check = False  # an accelerator's step checks without a sync
         self.ema: EMA | None = None
         if ema_decay is not None and 0.0 < ema_decay < 1.0:
-            self.ema = EMA(denoiser, ema_decay)
+            # the warm-up's decay rises to ema_decay (training.ema.EMAWarmup); null: fixed decay
+            self.ema = EMA(denoiser, ema_decay, EMAWarmup.of(ema_warmup, "model.ema_warmup"))
+        elif ema_warmup is not None:
+            raise ValueError(
+                f"model.ema_warmup={ema_warmup} warms up an EMA, but model.ema_decay="
+                f"{'null' if ema_decay is None else ema_decay} disables it. Set "
+                "model.ema_decay=0.999 (the warm-up's maximum), or model.ema_warmup=null."
+            )
 
     def setup(self, stage: str) -> None:
         """Each DDP rank draws its own noise: this rank's seed is the run's offset by the rank

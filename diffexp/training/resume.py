@@ -153,12 +153,16 @@ def may_change(key: str) -> bool:
 
 
 def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(key, checkpoint's value, current value) for every key that defines the run and differs."""
+    """(key, checkpoint's value, current value) for every key that defines the run and differs.
+    A key one side lacks and the other sets to null is unchanged: options added since the
+    checkpoint was written (``model.ema_warmup: null``) default to what the run did."""
     before, after = flatten(stored), flatten(current)
     missing = object()
     changes = []
     for key in sorted(set(before) | set(after)):
         old, new = before.get(key, missing), after.get(key, missing)
+        if (old is missing and new is None) or (old is None and new is missing):
+            continue
         if old != new and not may_change(key):
             changes.append(
                 (key, ABSENT if old is missing else old, ABSENT if new is missing else new)

@@ -62,6 +62,14 @@ def test_config_changes_refuse_the_model_and_allow_the_run_length_and_paths():
     ]
 
 
+def test_an_option_added_since_the_checkpoint_is_unchanged_at_its_null_default():
+    stored = {"model": {"ema_decay": 0.999, "grad_clip": None}}
+    current = {"model": {"ema_decay": 0.999, "ema_warmup": None}}
+    assert config_changes(stored, current) == []  # absent on one side, null on the other
+    current["model"]["ema_warmup"] = {"power": 0.75}
+    assert [k for k, _, _ in config_changes(stored, current)] == ["model.ema_warmup.power"]
+
+
 def _loops(epoch: dict, batch: dict, last: bool) -> dict:
     both = lambda d: {"current": dict(d), "total": dict(d)}  # noqa: E731
     return {
