@@ -22,12 +22,14 @@ test: install  ## the whole suite, slow tests included (what CI runs)
 test-fast: install  ## the suite without the tests marked slow
 	$(PY) -m pytest -q -m "not slow"
 
-bench: install  ## training step vs a minimal loop (command line, in process, per part); sampler quality against NFE; the variance objective's cost
+bench: install  ## training step vs a minimal loop (command line, in process, per part); sampler quality against NFE; the variance objective's cost; image-scale step vs plain loop and CIFAR-10 loading (GPU check: bash bench/gpu_check.sh)
 	$(PY) -m bench.step_time
 	$(PY) -m bench.train_throughput $(ARGS)
 	$(PY) -m bench.step_profile
 	$(PY) -m bench.sampler_quality
 	$(PY) -m bench.variance_objective_cost
+	$(PY) -m bench.image_throughput
+	$(PY) -m bench.data_loading
 
 lint: install
 	$(VENV)/bin/ruff check diffexp tests bench
