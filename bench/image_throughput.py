@@ -12,7 +12,12 @@ As in ``bench.train_throughput`` every loop is timed in chunks of ``--*-chunk`` 
 warm-up of one chunk, the rounds alternate between the loops, and a loop's time per step is the
 lower quartile of its chunks; only ratios measured in the same run are compared.
 
-    python -m bench.image_throughput [--cases digits,cifar] [--rounds 3] [--minimal] [--tiny]
+With ``--compile`` the framework runs once more with ``model.compile=true`` (the network
+compiled by inductor; its compile time falls in the warm-up chunk) and the table adds the
+compiled / eager ratio.
+
+    python -m bench.image_throughput [--cases digits,cifar] [--rounds 3] [--minimal] [--compile]
+        [--tiny]
 """
 
 from __future__ import annotations
@@ -110,20 +115,31 @@ def network_parameters(cfg: Any) -> int:
 
 
 def time_case(
-    overrides: list[str], steps: int, chunk: int, rounds: int, minimal: bool, label: str
+    overrides: list[str],
+    steps: int,
+    chunk: int,
+    rounds: int,
+    minimal: bool,
+    label: str,
+    compiled: bool = False,
 ) -> dict[str, Any]:
     """Alternate ``rounds`` rounds of the loops on one configuration; ms/step of each loop."""
     loops = {"plain": plain_chunks, "framework": None}
     if minimal:
         loops = {"minimal": minimal_chunks, **loops}
+    if compiled:
+        loops["compiled"] = None
     chunks: dict[str, list[float]] = {name: [] for name in loops}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _config(overrides, tmp)
+        cfgs = {"framework": cfg}
+        if compiled:
+            cfgs["compiled"] = _config([*overrides, "model.compile=true"], tmp)
         params = network_parameters(cfg)
         for r in range(rounds):
             for name, fn in loops.items():
                 if fn is None:
-                    chunks[name] += framework_chunks(cfg, steps, chunk, chunk, tmp)
+                    chunks[name] += framework_chunks(cfgs[name], steps, chunk, chunk, tmp)
                 else:
                     chunks[name] += fn(cfg, steps, chunk, chunk)
             shown = ", ".join(f"{k} {ms_per_step(v, chunk):.1f} ms/step" for k, v in chunks.items())
@@ -142,10 +158,13 @@ def time_case(
 def print_table(results: list[dict[str, Any]]) -> None:
     """The cases' ms/step, images/s and ratios, as a Markdown table."""
     minimal = any("minimal" in r["ms"] for r in results)
+    compiled = any("compiled" in r["ms"] for r in results)
     head = "| case | params | batch | chunks | plain ms/step | framework ms/step | framework img/s "
     head += "| framework / plain |"
     if minimal:
         head += " minimal ms/step | framework / minimal |"
+    if compiled:
+        head += " compiled ms/step | eager / compiled |"
     print(head)
     print("|---" * (head.count("|") - 1) + "|")
     for r in results:
@@ -158,6 +177,11 @@ def print_table(results: list[dict[str, Any]]) -> None:
         if minimal:
             if "minimal" in ms:
                 row += f" {ms['minimal']:.1f} | {ms['minimal'] / ms['framework']:.3f} |"
+            else:
+                row += " - | - |"
+        if compiled:
+            if "compiled" in ms:
+                row += f" {ms['compiled']:.1f} | {ms['framework'] / ms['compiled']:.3f} |"
             else:
                 row += " - | - |"
         print(row)
@@ -175,6 +199,9 @@ def main() -> None:
     parser.add_argument("--cifar-batch", type=int, default=4)
     parser.add_argument(
         "--minimal", action="store_true", help="time the minimal hand-written loop too"
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="time the framework with model.compile=true too"
     )
     parser.add_argument(
         "--tiny", action="store_true", help="a few steps and a narrow CIFAR UNet (tests)"
@@ -198,7 +225,11 @@ def main() -> None:
     results = []
     for name in args.cases.split(","):
         overrides, steps, chunk = cases[name.strip()]
-        results.append(time_case(overrides, steps, chunk, args.rounds, args.minimal, labels[name]))
+        results.append(
+            time_case(
+                overrides, steps, chunk, args.rounds, args.minimal, labels[name], args.compile
+            )
+        )
     print()
     print(f"threads={torch.get_num_threads()}, rounds={args.rounds}, lower quartile of the chunks")
     print_table(results)

@@ -45,6 +45,15 @@ def test_image_throughput_prints_both_cases() -> None:
     assert "experiment=digits" in out and "synthetic 3x32x32" in out
 
 
+@pytest.mark.slow
+def test_image_throughput_times_the_compiled_network_too() -> None:
+    """--compile adds the framework with model.compile=true and its eager / compiled ratio."""
+    out = _bench("bench.image_throughput", "--tiny", "--compile", "--cases", "digits")
+    head, _, row = [line for line in out.splitlines() if line.startswith("|")][:3]
+    assert head.split("|")[-2].strip() == "eager / compiled"
+    assert float(row.split("|")[-2]) > 0
+
+
 def test_data_loading_prints_every_loader_and_the_step() -> None:
     """Every num_workers x pin_memory row and the UNet step reference are printed."""
     out = _bench("bench.data_loading", "--tiny")
