@@ -17,6 +17,7 @@ predictor + corrector; "last_step": the last interval is the final denoise, no e
 cell shows the NFE it used where it differs. Adaptive solvers are listed by tolerance.
 
     python -m bench.sampler_quality [--n 20000] [--nfe 5 10 20 50 100] [--seed 0] [--floor-sets 5]
+        [--rows SUBSTRING]
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from diffexp.diffusion.samplers import (
     Ancestral,
     AnnealedLangevin,
     DPMSolverPP2M,
+    DPMSolverPP2MSDE,
     PredictorCorrector,
     ProbabilityFlowODE,
     ReverseSDE,
@@ -66,6 +68,12 @@ ROWS: dict[str, Callable[[int], Sampler]] = {
     ),
     "dpmpp_2m (log_snr, last_step)": lambda n: DPMSolverPP2M(
         steps=n, time_grid="log_snr", final_denoise=LAST
+    ),
+    "dpmpp_2m_sde eta=1 (log_snr, last_step)": lambda n: DPMSolverPP2MSDE(
+        steps=n, eta=1.0, time_grid="log_snr", final_denoise=LAST
+    ),
+    "dpmpp_2m_sde eta=0.5 (log_snr, last_step)": lambda n: DPMSolverPP2MSDE(
+        steps=n, eta=0.5, time_grid="log_snr", final_denoise=LAST
     ),
     "langevin step_scale=0.5 (log_snr, last_step)": lambda n: AnnealedLangevin(
         steps_per_level=max(1, n // 100),
@@ -133,6 +141,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20, 50, 100])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--floor-sets", type=int, default=5, help="exact sets for the KL floor")
+    parser.add_argument(
+        "--rows", default="", help="only the samplers whose label contains this (both tables)"
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     den, judge = oracle(), Judge(args.n, args.seed, args.floor_sets)
@@ -151,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     print("| sampler | " + " | ".join(f"NFE {n}" for n in args.nfe) + " |")
     print("|---|" + "---|" * len(args.nfe))
     for label, make in ROWS.items():
+        if args.rows not in label:
+            continue
         cells = []
         for target in args.nfe:
             kl, gap, nfe = run(make(target))
@@ -159,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     print("\n| adaptive PF-ODE (over log-SNR) | rtol = atol | NFE | KL (nats) | gap (nats) |")
     print("|---|---|---|---|---|")
     for solver, tol in ADAPTIVE:
+        if args.rows not in solver:
+            continue
         sampler = ProbabilityFlowODE(solver=solver, rtol=tol, atol=tol, final_denoise=True)
         kl, gap, nfe = run(sampler)
         print(f"| {solver} (+denoise) | {tol:g} | {nfe} | {kl:.3f} | {gap:+.3f} |", flush=True)

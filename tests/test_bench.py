@@ -54,3 +54,14 @@ def test_step_time_differences_whole_processes():
 def test_noise_sampling_variance_prints_its_tables():
     out = _bench("bench.noise_sampling_variance", "--steps", "20", "--batches", "3")
     assert out.count("| adaptive |") == 4  # an ELBO row and a variance row per weighting
+
+
+def test_sampler_quality_prints_a_row_per_sampler_and_the_adaptive_table():
+    out = _bench("bench.sampler_quality", "--n", "500", "--nfe", "5", "--floor-sets", "2")
+    from bench.sampler_quality import ADAPTIVE, ROWS
+
+    for label in ROWS:
+        assert f"| {label} |" in out, label
+    assert out.count("(+denoise) |") == len(ADAPTIVE)
+    only = _bench("bench.sampler_quality", "--n", "500", "--nfe", "5", "--rows", "dpmpp_2m_sde")
+    assert only.count("| dpmpp_2m_sde") == 2 and "| ancestral" not in only

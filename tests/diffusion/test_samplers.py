@@ -19,6 +19,7 @@ from diffexp.diffusion.samplers import (
     Ancestral,
     AnnealedLangevin,
     DPMSolverPP2M,
+    DPMSolverPP2MSDE,
     FlowEuler,
     Grid,
     PredictorCorrector,
@@ -110,6 +111,7 @@ CONVERGED = {
         steps=50, solver="heun", time_grid="karras", final_denoise=LAST
     ),  # 99
     "dpmpp_2m": DPMSolverPP2M(steps=100, time_grid="log_snr", final_denoise=LAST),  # 100
+    "dpmpp_2m_sde": DPMSolverPP2MSDE(steps=100, time_grid="log_snr", final_denoise=LAST),  # 100
     "ode-dopri5": ProbabilityFlowODE(solver="dopri5", rtol=1e-4, atol=1e-4),  # ~75
     "ode-rk4": ProbabilityFlowODE(
         steps=20, solver="rk4", time_grid="log_snr", final_denoise=LAST
@@ -233,6 +235,8 @@ NFE_CASES = [
     ProbabilityFlowODE(solver="euler", final_denoise=False),
     DPMSolverPP2M(time_grid="log_snr", final_denoise=LAST),
     DPMSolverPP2M(time_grid="karras"),
+    DPMSolverPP2MSDE(final_denoise=LAST),
+    DPMSolverPP2MSDE(eta=0.5, time_grid="uniform"),
     ProbabilityFlowODE(solver="rk4", time_grid="log_snr"),
     ProbabilityFlowODE(solver="midpoint", final_denoise=LAST),
     ProbabilityFlowODE(solver="explicit_adams", time_grid="log_snr"),
@@ -290,6 +294,7 @@ INVALID_SETTINGS = [
     (ProbabilityFlowODE, {"solver": "implicit_adams"}, "'implicit_adams' is refused"),
     (AnnealedLangevin, {"step_scale": -1.0}, "step_scale"),
     (AnnealedLangevin, {"steps_per_level": 0}, "steps_per_level"),
+    (DPMSolverPP2MSDE, {"eta": 1.5}, "eta"),
 ]
 
 
@@ -353,6 +358,22 @@ def test_dpmpp_2m_first_step_is_ddim():
     torch.testing.assert_close(a.x, b.x, rtol=1e-12, atol=1e-12)
 
 
+def test_dpmpp_2m_sde_is_dpmpp_2m_at_eta_0_and_its_first_step_is_ancestral_at_eta_1():
+    """eta = 0 injects no noise: the ODE sampler's samples; eta = 1 with D = x0_hat (the first
+    step) is q(x_s | x_t, x0 = x0_hat) with the same draw, the ancestral step (float64)."""
+    den = oracle_denoiser("ring8", "eps", S.Cosine(**ENDS))
+    f64 = torch.float64
+    for steps in (1, 7):
+        ode = DPMSolverPP2M(steps=steps, final_denoise=LAST)
+        sde = DPMSolverPP2MSDE(steps=steps, eta=0.0, final_denoise=LAST)
+        a, b = (s.sample(den, (200, 2), generator=_gen(8), dtype=f64) for s in (ode, sde))
+        torch.testing.assert_close(a.x, b.x, rtol=0, atol=0)
+    a = DPMSolverPP2MSDE(steps=1, eta=1.0, time_grid="log_snr", final_denoise=False)
+    b = Ancestral(steps=1, time_grid="log_snr", final_denoise=False)
+    a, b = (s.sample(den, (200, 2), generator=_gen(8), dtype=f64) for s in (a, b))
+    torch.testing.assert_close(a.x, b.x, rtol=1e-12, atol=1e-12)
+
+
 # torchdiffeq's solvers and the Langevin levels report no x0_hat
 _NO_X0_HAT = (AnnealedLangevin,)
 
@@ -400,7 +421,9 @@ def test_the_callbacks_x0_hat_is_the_denoisers_at_the_steps_start(den):
 def test_every_sampler_config_instantiates_with_a_steps_override():
     conf = CONF / "sampler"
     names = conf_options("sampler")
-    assert {"ancestral", "ddim", "sde", "ode", "dpmpp_2m", "langevin", "pc"} <= set(names)
+    assert {"ancestral", "ddim", "sde", "ode", "dpmpp_2m", "dpmpp_2m_sde", "langevin", "pc"} <= set(
+        names
+    )
     for path in sorted(conf.glob("*.yaml")):
         assert path.read_text().startswith("#"), path
         cfg = OmegaConf.load(path)
