@@ -38,6 +38,7 @@ from diffexp.diffusion.samplers import (
     AnnealedLangevin,
     DPMSolverPP2M,
     DPMSolverPP2MSDE,
+    EDMStochastic,
     PredictorCorrector,
     ProbabilityFlowODE,
     ReverseSDE,
@@ -74,6 +75,9 @@ ROWS: dict[str, Callable[[int], Sampler]] = {
     ),
     "dpmpp_2m_sde eta=0.5 (log_snr, last_step)": lambda n: DPMSolverPP2MSDE(
         steps=n, eta=0.5, time_grid="log_snr", final_denoise=LAST
+    ),
+    "edm churn=10 (karras, last_step)": lambda n: EDMStochastic(
+        steps=(n + 1) // 2, churn=10.0, time_grid="karras", final_denoise=LAST
     ),
     "langevin step_scale=0.5 (log_snr, last_step)": lambda n: AnnealedLangevin(
         steps_per_level=max(1, n // 100),

@@ -21,6 +21,7 @@ guidance wrapper that calls its network twice per call still counts one.
 - ``DPMSolverPP2M``: Lu et al.'s DPM-Solver++(2M) on the same ODE, multistep in x0_hat.
 - ``DPMSolverPP2MSDE``: the same multistep x0_hat in the exponential integrator of the reverse
   SDE (eta: the fraction of its noise).
+- ``EDMStochastic``: Karras et al.'s Heun steps with noise raised at each point (churn).
 - ``AnnealedLangevin``: NCSN's Langevin dynamics at decreasing noise levels.
 - ``PredictorCorrector``: any predictor step, then Langevin corrector steps (Song et al.).
 
@@ -558,6 +559,63 @@ class DPMSolverPP2MSDE(DPMSolverPP2M):
     def noise_fraction(self) -> float:
         """eta: the fraction of the reverse SDE's noise injected at each step."""
         return self.eta
+
+
+@sampler_dataclass
+class EDMStochastic(Sampler):
+    """Karras et al.'s stochastic sampler (EDM, Algorithm 2): at each grid point in
+    [sigma_tmin, sigma_tmax], raise the noise to sigma_hat = (1 + gamma) sigma with
+    x~ += sqrt(sigma_hat^2 - sigma^2) noise_scale z, gamma = min(churn / steps, sqrt(2) - 1), then
+    take Heun's step of dx~/dsigma = eps_hat from sigma_hat to the next point.
+
+    In the VE variable x~ = x / a, sigma = s / a = exp(-lambda / 2) (the ``ProbabilityFlowODE``
+    Heun step; ``churn`` = 0 is that sampler, the same samples); sigma_tmin, sigma_tmax are in
+    sigma, as in EDM (S_tmin, S_tmax), and ``churn``, ``noise_scale`` are S_churn, S_noise.
+    NFE as Heun's: 2 per step; with ``final_denoise="last_step"`` the last interval is the jump
+    to x0_hat, so NFE = 2 steps - 1; True adds one NFE at t_0.
+    """
+
+    steps: int = 50
+    churn: float = 0.0
+    sigma_tmin: float = 0.05
+    sigma_tmax: float = 50.0
+    noise_scale: float = 1.0
+    time_grid: str = "karras"
+
+    def check(self):
+        """churn >= 0, noise_scale > 0, 0 <= sigma_tmin <= sigma_tmax."""
+        if not (self.churn >= 0 and self.noise_scale > 0):
+            raise ValueError(
+                f"EDM's churn must be >= 0 and noise_scale > 0, got {self.churn} and "
+                f"{self.noise_scale}"
+            )
+        if not 0 <= self.sigma_tmin <= self.sigma_tmax:
+            raise ValueError(
+                f"EDM's sigma_tmin and sigma_tmax must satisfy 0 <= sigma_tmin <= sigma_tmax, "
+                f"got {self.sigma_tmin} and {self.sigma_tmax}"
+            )
+
+    def gamma(self, sigma: Tensor) -> float:
+        """min(churn / steps, sqrt(2) - 1) where sigma_tmin <= sigma <= sigma_tmax, else 0."""
+        if not self.sigma_tmin <= float(sigma) <= self.sigma_tmax:
+            return 0.0
+        return min(self.churn / int(self.steps), math.sqrt(2.0) - 1.0)
+
+    def step(self, model, x, grid, i, noise):
+        """Churn at sigma_t, then x~_s = x~_hat + (sigma_s - sigma_hat) (d + d') / 2."""
+        level_t, level_s = NoiseLevel(grid.log_snr[i]), NoiseLevel(grid.log_snr[i - 1])
+        x_tilde, lam_hat, sigma_hat = x / level_t.a, grid.log_snr[i], level_t.sigma
+        gamma = self.gamma(level_t.sigma)
+        if gamma > 0.0:
+            sigma_hat = level_t.sigma * (1.0 + gamma)
+            lam_hat = -2.0 * torch.log(sigma_hat)
+            churn = (sigma_hat**2 - level_t.sigma**2).sqrt() * self.noise_scale
+            x_tilde = x_tilde + churn * noise()
+        out = model(NoiseLevel(lam_hat).a * x_tilde, lam_hat)
+        x_next = x_tilde + (level_s.sigma - sigma_hat) * out.eps_hat
+        d_next = model(level_s.a * x_next, grid.log_snr[i - 1]).eps_hat
+        x_next = x_tilde + (level_s.sigma - sigma_hat) * 0.5 * (out.eps_hat + d_next)
+        return level_s.a * x_next, out.x0_hat
 
 
 @sampler_dataclass

@@ -20,6 +20,7 @@ from diffexp.diffusion.samplers import (
     AnnealedLangevin,
     DPMSolverPP2M,
     DPMSolverPP2MSDE,
+    EDMStochastic,
     FlowEuler,
     Grid,
     PredictorCorrector,
@@ -112,6 +113,7 @@ CONVERGED = {
     ),  # 99
     "dpmpp_2m": DPMSolverPP2M(steps=100, time_grid="log_snr", final_denoise=LAST),  # 100
     "dpmpp_2m_sde": DPMSolverPP2MSDE(steps=100, time_grid="log_snr", final_denoise=LAST),  # 100
+    "edm-churn": EDMStochastic(steps=50, churn=10.0, final_denoise=LAST),  # 99
     "ode-dopri5": ProbabilityFlowODE(solver="dopri5", rtol=1e-4, atol=1e-4),  # ~75
     "ode-rk4": ProbabilityFlowODE(
         steps=20, solver="rk4", time_grid="log_snr", final_denoise=LAST
@@ -205,6 +207,8 @@ def _nfe_formula(sampler: Sampler, steps: int) -> int | None:
     final = sampler.final_denoise
     end = 1 if final == LAST else 0
     extra = 1 if final else 0
+    if isinstance(sampler, EDMStochastic):  # Heun's two evaluations per step
+        return 2 * (steps - end) + extra
     if isinstance(sampler, ProbabilityFlowODE):
         if sampler.adaptive:
             return None
@@ -237,6 +241,8 @@ NFE_CASES = [
     DPMSolverPP2M(time_grid="karras"),
     DPMSolverPP2MSDE(final_denoise=LAST),
     DPMSolverPP2MSDE(eta=0.5, time_grid="uniform"),
+    EDMStochastic(churn=10.0, final_denoise=LAST),
+    EDMStochastic(churn=40.0, sigma_tmin=0.0, sigma_tmax=1e9, time_grid="log_snr"),
     ProbabilityFlowODE(solver="rk4", time_grid="log_snr"),
     ProbabilityFlowODE(solver="midpoint", final_denoise=LAST),
     ProbabilityFlowODE(solver="explicit_adams", time_grid="log_snr"),
@@ -295,6 +301,9 @@ INVALID_SETTINGS = [
     (AnnealedLangevin, {"step_scale": -1.0}, "step_scale"),
     (AnnealedLangevin, {"steps_per_level": 0}, "steps_per_level"),
     (DPMSolverPP2MSDE, {"eta": 1.5}, "eta"),
+    (EDMStochastic, {"churn": -1.0}, "churn"),
+    (EDMStochastic, {"noise_scale": 0.0}, "noise_scale"),
+    (EDMStochastic, {"sigma_tmin": 2.0, "sigma_tmax": 1.0}, "sigma_tmin"),
 ]
 
 
@@ -374,6 +383,23 @@ def test_dpmpp_2m_sde_is_dpmpp_2m_at_eta_0_and_its_first_step_is_ancestral_at_et
     torch.testing.assert_close(a.x, b.x, rtol=1e-12, atol=1e-12)
 
 
+def test_edm_stochastic_without_churn_is_heun_and_its_churn_raises_sigma_as_karras():
+    """churn = 0: the PF-ODE's Heun steps (float64, to rounding); gamma = min(churn / steps,
+    sqrt(2) - 1) inside [sigma_tmin, sigma_tmax] only."""
+    den = oracle_denoiser("ring8", "eps", S.Cosine(**ENDS))
+    f64 = torch.float64
+    for steps, last in ((1, False), (6, LAST), (6, True)):
+        heun = ProbabilityFlowODE(steps=steps, solver="heun", final_denoise=last)
+        edm = EDMStochastic(steps=steps, churn=0.0, final_denoise=last)
+        a, b = (s.sample(den, (200, 2), generator=_gen(8), dtype=f64) for s in (heun, edm))
+        torch.testing.assert_close(a.x, b.x, rtol=1e-10, atol=1e-10)
+        assert a.nfe == b.nfe
+    edm = EDMStochastic(steps=10, churn=2.0, sigma_tmin=0.1, sigma_tmax=10.0)
+    assert edm.gamma(torch.tensor(1.0)) == pytest.approx(0.2)
+    assert edm.gamma(torch.tensor(0.05)) == 0.0 and edm.gamma(torch.tensor(20.0)) == 0.0
+    assert EDMStochastic(steps=10, churn=100.0).gamma(torch.tensor(1.0)) == math.sqrt(2) - 1
+
+
 # torchdiffeq's solvers and the Langevin levels report no x0_hat
 _NO_X0_HAT = (AnnealedLangevin,)
 
@@ -421,9 +447,8 @@ def test_the_callbacks_x0_hat_is_the_denoisers_at_the_steps_start(den):
 def test_every_sampler_config_instantiates_with_a_steps_override():
     conf = CONF / "sampler"
     names = conf_options("sampler")
-    assert {"ancestral", "ddim", "sde", "ode", "dpmpp_2m", "dpmpp_2m_sde", "langevin", "pc"} <= set(
-        names
-    )
+    expected = {"ancestral", "ddim", "sde", "ode", "dpmpp_2m", "dpmpp_2m_sde", "edm", "langevin"}
+    assert expected | {"pc"} <= set(names)
     for path in sorted(conf.glob("*.yaml")):
         assert path.read_text().startswith("#"), path
         cfg = OmegaConf.load(path)
