@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from diffexp.cli import CONF_DIR, ConfigError
@@ -344,16 +344,29 @@ def check_grad_clip(cfg: DictConfig) -> None:
             )
 
 
+def check_guidance_interval(cfg: DictConfig) -> None:
+    """``guidance.interval``: null or [lambda_lo, lambda_hi], lambda_lo < lambda_hi."""
+    from diffexp.build.guidance_specs import check_interval
+
+    if interpolated(cfg, "guidance.interval"):
+        return
+    value = lookup(cfg, "guidance.interval")
+    if value is not _ABSENT:
+        check_interval(OmegaConf.to_object(value) if isinstance(value, ListConfig) else value)
+
+
 def check_train(cfg: DictConfig) -> None:
     """Refuse a training config whose values are of the wrong type or out of range."""
     check_rules(cfg, TRAIN_RULES)
     check_grad_clip(cfg)
+    check_guidance_interval(cfg)
     check_samplers(cfg, ["sampler", "callbacks.samples.sampler"])
 
 
 def check_eval(cfg: DictConfig) -> None:
     """Refuse an evaluation config whose values are of the wrong type or out of range."""
     check_rules(cfg, EVAL_RULES)
+    check_guidance_interval(cfg)
     check_samplers(cfg, ["sampler"])
     names = OmegaConf.select(cfg, "estimators.schedules") or []
     if names:
@@ -363,6 +376,7 @@ def check_eval(cfg: DictConfig) -> None:
 def check_sample(cfg: DictConfig) -> None:
     """Refuse a sampling config whose values are of the wrong type or out of range."""
     check_rules(cfg, SAMPLE_RULES)
+    check_guidance_interval(cfg)
     check_samplers(cfg, ["sampler"])
 
 

@@ -76,6 +76,7 @@ class CFG:
 
     scale: float = 3.0
     p_uncond: float = 0.1
+    interval: Any = None
     needs_labels = True
     needs_classifier = False
     conditional_network = True
@@ -83,12 +84,33 @@ class CFG:
     def __post_init__(self) -> None:
         if not 0.0 < self.p_uncond < 1.0:
             raise ValueError(f"guidance.p_uncond must be in (0, 1), got {self.p_uncond}")
+        self.interval = check_interval(self.interval)
 
     def wrap(self, denoiser: Denoiser, classifier: nn.Module | None = None) -> DenoiserLike:
-        """w eps(x_t, y) + (1 - w) eps(x_t, null), null = the network's num_classes."""
+        """w eps(x_t, y) + (1 - w) eps(x_t, null), null = the network's num_classes; w = 1
+        outside ``interval`` (a log-SNR range) when one is set."""
         from diffexp.diffusion.guidance import ClassifierFreeGuidance
 
-        return ClassifierFreeGuidance(denoiser, self.scale, null_label=denoiser.network.num_classes)
+        null = denoiser.network.num_classes
+        return ClassifierFreeGuidance(denoiser, self.scale, null_label=null, interval=self.interval)
+
+
+def check_interval(interval: Any) -> tuple[float, float] | None:
+    """``guidance.interval``: null, or [lambda_lo, lambda_hi] with lambda_lo < lambda_hi."""
+    if interval is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        lo = hi = None
+    if lo is None or not lo < hi:
+        raise ConfigError(
+            f"guidance.interval={interval!r}: expected null (guidance at every noise level) or "
+            "a log-SNR range [lambda_lo, lambda_hi] with lambda_lo < lambda_hi, inside which "
+            "the guidance scale applies (the plain conditional model outside), e.g. "
+            "guidance.interval=[-2,4]."
+        )
+    return lo, hi
 
 
 @dataclass

@@ -3,6 +3,8 @@
 - Classifier-free guidance: eps = w eps(x_t, y) + (1 - w) eps(x_t, null), i.e.
   score = w score(x_t, y) + (1 - w) score(x_t, null). **Convention**: w = 0 is the unconditional
   model, w = 1 the plain conditional model, w > 1 sharpens. Both branches run in one batched call.
+  With an ``interval`` [lambda_lo, lambda_hi] (Kynkaanniemi et al. 2024) w applies only where
+  lambda_lo <= lambda <= lambda_hi and the plain conditional model (w = 1) elsewhere.
 - Classifier guidance: score = score(x_t) + w grad log p_phi(y | x_t), with p_phi a classifier of
   noisy inputs at every noise level; w = 1 gives the conditional score of the joint model.
 
@@ -85,22 +87,39 @@ class ClassifierFreeGuidance(GuidedDenoiser):
 
     kind = "classifier-free"
 
-    def __init__(self, base: DenoiserLike, scale: float, null_label: int) -> None:
+    def __init__(
+        self,
+        base: DenoiserLike,
+        scale: float,
+        null_label: int,
+        interval: tuple[float, float] | None = None,
+    ) -> None:
         super().__init__(base, scale)
         self.null_label = int(null_label)
+        self.interval = None if interval is None else (float(interval[0]), float(interval[1]))
 
     def guided_eps(self, x_t: Tensor, y: Tensor, log_snr: Tensor) -> Tensor:
-        """w eps(x_t, y) + (1 - w) eps(x_t, null); both branches in one batched network call."""
+        """w eps(x_t, y) + (1 - w) eps(x_t, null), w = 1 outside the interval; both branches in
+        one batched network call, the conditional one alone where no example is inside."""
+        scale = torch.full_like(log_snr, self.scale)
+        if self.interval is not None:
+            lo, hi = self.interval
+            inside = (log_snr >= lo) & (log_snr <= hi)
+            if not bool(inside.any()):
+                return self.base(x_t, y=y, log_snr=log_snr).eps_hat
+            scale = torch.where(inside, scale, torch.ones_like(scale))
         both = self.base(
             torch.cat([x_t, x_t]),
             y=torch.cat([y, torch.full_like(y, self.null_label)]),
             log_snr=torch.cat([log_snr, log_snr]),
         )
         eps_cond, eps_uncond = both.eps_hat.chunk(2)
-        return self.scale * eps_cond + (1.0 - self.scale) * eps_uncond
+        w = broadcast_like(scale, x_t)
+        return w * eps_cond + (1.0 - w) * eps_uncond
 
     def extra_repr(self) -> str:
-        return f"scale={self.scale}, null_label={self.null_label}"
+        shown = f"scale={self.scale}, null_label={self.null_label}"
+        return shown if self.interval is None else f"{shown}, interval={list(self.interval)}"
 
 
 class ClassifierGuidance(GuidedDenoiser):

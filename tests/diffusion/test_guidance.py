@@ -67,6 +67,28 @@ def test_cfg_makes_one_batched_network_call():
     assert den.network.calls == 1
 
 
+def test_cfg_interval_guides_inside_and_is_the_conditional_model_outside():
+    """Per example: w inside [lambda_lo, lambda_hi], the plain conditional eps outside; a batch
+    with no example inside calls only the conditional branch (half the network's work)."""
+    den, mixture = _conditional_oracle()
+    x_t, y, lam = _batch(mixture)
+    null = mixture.num_components
+    plain = ClassifierFreeGuidance(den, 3.0, null_label=null)(x_t, y=y, log_snr=lam)
+    cond = den(x_t, y=y, log_snr=lam)
+    out = ClassifierFreeGuidance(den, 3.0, null_label=null, interval=(-2.0, 4.0))
+    out = out(x_t, y=y, log_snr=lam)
+    inside = (lam >= -2.0) & (lam <= 4.0)
+    assert 0 < int(inside.sum()) < len(lam)
+    torch.testing.assert_close(out.eps_hat[inside], plain.eps_hat[inside], rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.eps_hat[~inside], cond.eps_hat[~inside], rtol=0, atol=1e-12)
+    den.network = _Counting(den.network)
+    outside = torch.full_like(lam, 6.0)
+    guided = ClassifierFreeGuidance(den, 3.0, null_label=null, interval=(-2.0, 4.0))
+    out = guided(x_t, y=y, log_snr=outside)
+    assert den.network.calls == 1 and den.network.net  # one call, of the conditional branch
+    torch.testing.assert_close(out.eps_hat, den(x_t, y=y, log_snr=outside).eps_hat)
+
+
 def test_classifier_guidance_with_the_exact_classifier_and_w1_is_the_conditional_score():
     den, mixture = _conditional_oracle()
     x_t, y, lam = _batch(mixture, seed=1)
@@ -95,6 +117,16 @@ from diffexp.cli import ConfigError  # noqa: E402
 from diffexp.train import train  # noqa: E402
 
 
+@pytest.mark.parametrize("interval", ["[4,-2]", "[1]", "[a,b]", "3"])
+def test_a_bad_guidance_interval_is_refused_before_compute(compose, interval):
+    from diffexp.build.checks import check_train
+
+    cfg = compose(["guidance=cfg", f"guidance.interval={interval}"])
+    with pytest.raises(ConfigError, match=r"guidance.interval=.*lambda_lo < lambda_hi"):
+        check_train(cfg)
+    check_train(compose(["guidance=cfg", "guidance.interval=[-2,4]"]))
+
+
 def test_guidance_on_unlabelled_data_stops_at_once(compose):
     for guidance in ("cfg", "classifier"):
         cfg = compose(["data=swissroll", f"guidance={guidance}"])
@@ -114,3 +146,25 @@ def test_cfg_training_drops_labels_to_the_null_token(compose):
 
 def test_cfg_fast_dev_run(compose):
     train(compose(["debug=fdr", "guidance=cfg"]))
+
+
+def test_sample_refuses_a_bad_interval_from_the_command_line(tmp_path):
+    """As users type it: exit 2, one line naming the key and the fix, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    args = ["network=oracle", "guidance=cfg", "guidance.interval=[4,-2]", "label=0"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffexp.sample", *args, f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: guidance.interval=[4, -2]" in proc.stderr and "Traceback" not in proc.stderr
