@@ -17,7 +17,11 @@ predictor + corrector; "last_step": the last interval is the final denoise, no e
 cell shows the NFE it used where it differs. Adaptive solvers are listed by tolerance.
 
     python -m bench.sampler_quality [--n 20000] [--nfe 5 10 20 50 100] [--seed 0] [--floor-sets 5]
-        [--rows SUBSTRING]
+        [--rows SUBSTRING] [--run RUN_FOLDER]
+
+``--run`` replaces the oracle by a model trained on the ring (its EMA weights), e.g. one run of
+``experiment=ablation_objectives_vdmpp``: the same table for a trained denoiser, whose own error
+now adds to the sampler's.
 """
 
 from __future__ import annotations
@@ -106,6 +110,22 @@ def oracle(dtype: torch.dtype = torch.float32) -> Denoiser:
     return Denoiser(Oracle(mixture, param), param, schedule).to(dtype)
 
 
+def trained(run: str) -> Denoiser:
+    """The EMA denoiser of a training run on the ring (refused for other data)."""
+    from hydra import compose, initialize_config_dir
+
+    from diffexp.build.runs import load_model
+    from diffexp.cli import CONF_DIR
+
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose("eval", overrides=[f"run={run}"])
+    model = load_model(cfg)
+    data = model.config.data.get("preset", model.config.data.get("name"))
+    if str(data) != "ring8":
+        raise SystemExit(f"--run {run}: trained on {data}, not ring8; the KL needs ring8's density")
+    return model.denoiser.float()
+
+
 class Judge:
     """KL (k-NN entropy, MATH.md s10) and log-density gap of sample sets against the ring's q."""
 
@@ -148,15 +168,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--rows", default="", help="only the samplers whose label contains this (both tables)"
     )
+    parser.add_argument("--run", default=None, help="a ring8 training run instead of the oracle")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    den, judge = oracle(), Judge(args.n, args.seed, args.floor_sets)
+    den = oracle() if args.run is None else trained(args.run)
+    judge = Judge(args.n, args.seed, args.floor_sets)
 
     def run(sampler: Sampler) -> tuple[float, float, int]:
         out = sampler.sample(den, (args.n, 2), generator=_gen(args.seed))
         return (*judge(out.x), out.nfe)
 
-    print(f"Ring of 8 Gaussians, oracle denoiser (float32), n = {args.n}, seed {args.seed}")
+    source = "oracle denoiser" if args.run is None else f"trained denoiser of {args.run}"
+    print(f"Ring of 8 Gaussians, {source} (float32), n = {args.n}, seed {args.seed}")
     print(
         f"KL floor (exact samples, {args.floor_sets} sets of {args.n}): "
         f"{judge.floor:.4f} +- {judge.floor_std:.4f} nats; "

@@ -65,3 +65,27 @@ def test_sampler_quality_prints_a_row_per_sampler_and_the_adaptive_table():
     assert out.count("(+denoise) |") == len(ADAPTIVE)
     only = _bench("bench.sampler_quality", "--n", "500", "--nfe", "5", "--rows", "dpmpp_2m_sde")
     assert only.count("| dpmpp_2m_sde") == 2 and "| ancestral" not in only
+
+
+def test_sampler_quality_takes_a_trained_run_instead_of_the_oracle(tmp_path):
+    """--run: a ring run's EMA denoiser (trained here for 20 steps: far from the oracle, so its
+    KL at 20 NFE is far above the oracle's 0.03)."""
+    run = tmp_path / "run"
+    train = ["diffexp.train", "trainer.max_steps=20", "logger=csv"]
+    _bench(*train, f"hydra.run.dir={run}")
+    out = _bench(
+        "bench.sampler_quality",
+        "--run",
+        str(run),
+        "--n",
+        "1000",
+        "--nfe",
+        "20",
+        "--rows",
+        "dpmpp_2m_sde eta=0.5",
+        "--floor-sets",
+        "2",
+    )
+    assert f"trained denoiser of {run}" in out
+    row = next(line for line in out.splitlines() if line.startswith("| dpmpp_2m_sde eta=0.5"))
+    assert float(row.split("|")[2].split("/")[0]) > 0.3, row
