@@ -6,30 +6,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT
-
-ENV = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-
-
-def _bench(*args: str, timeout: int = 600) -> str:
-    """The stdout of ``python -m <args>`` run from the repository (asserting it succeeded)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", *args],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc.stdout
+from tests.test_bench import _bench
 
 
 def _finite(value: object) -> bool:
