@@ -28,7 +28,7 @@ bench: install  ## training step vs a minimal loop (command line, in process, pe
 	$(PY) -m bench.step_profile
 	$(PY) -m bench.sampler_quality
 	$(PY) -m bench.variance_objective_cost
-	$(PY) -m bench.image_throughput
+	$(PY) -m bench.image_throughput --compile
 	$(PY) -m bench.data_loading
 
 lint: install
