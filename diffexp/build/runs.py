@@ -623,4 +623,8 @@ def describe_guidance(denoiser: nn.Module, base: nn.Module) -> str:
     """A one-line name of the guidance wrapped around ``base`` ("none" when unwrapped)."""
     if denoiser is base:
         return "none"
-    return f"{type(denoiser).__name__}(scale={getattr(denoiser, 'scale', None)})"
+    interval = getattr(denoiser, "interval", None)
+    shown = f"scale={getattr(denoiser, 'scale', None)}"
+    if interval is not None:
+        shown += f", interval={list(interval)}"
+    return f"{type(denoiser).__name__}({shown})"

@@ -87,6 +87,10 @@ def test_cfg_interval_guides_inside_and_is_the_conditional_model_outside():
     out = guided(x_t, y=y, log_snr=outside)
     assert den.network.calls == 1 and den.network.net  # one call, of the conditional branch
     torch.testing.assert_close(out.eps_hat, den(x_t, y=y, log_snr=outside).eps_hat)
+    from diffexp.build.runs import describe_guidance
+
+    named = describe_guidance(guided, den)  # what eval's metrics.json records
+    assert named == "ClassifierFreeGuidance(scale=3.0, interval=[-2.0, 4.0])", named
 
 
 def test_classifier_guidance_with_the_exact_classifier_and_w1_is_the_conditional_score():
