@@ -101,20 +101,19 @@ class ClassifierFreeGuidance(GuidedDenoiser):
     def guided_eps(self, x_t: Tensor, y: Tensor, log_snr: Tensor) -> Tensor:
         """w eps(x_t, y) + (1 - w) eps(x_t, null), w = 1 outside the interval; both branches in
         one batched network call, the conditional one alone where no example is inside."""
-        scale = torch.full_like(log_snr, self.scale)
+        w: Tensor | float = self.scale
         if self.interval is not None:
             lo, hi = self.interval
             inside = (log_snr >= lo) & (log_snr <= hi)
             if not bool(inside.any()):
                 return self.base(x_t, y=y, log_snr=log_snr).eps_hat
-            scale = torch.where(inside, scale, torch.ones_like(scale))
+            w = broadcast_like(torch.where(inside, self.scale, 1.0).to(x_t.dtype), x_t)
         both = self.base(
             torch.cat([x_t, x_t]),
             y=torch.cat([y, torch.full_like(y, self.null_label)]),
             log_snr=torch.cat([log_snr, log_snr]),
         )
         eps_cond, eps_uncond = both.eps_hat.chunk(2)
-        w = broadcast_like(scale, x_t)
         return w * eps_cond + (1.0 - w) * eps_uncond
 
     def extra_repr(self) -> str:
