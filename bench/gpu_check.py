@@ -12,7 +12,12 @@ On one CUDA device (or the CPU with ``--device cpu``):
    resident set so far, which only grows);
 4. a 1-GPU DDP run (``trainer=ddp trainer.devices=1``) against the single-process run: both
    ``python -m diffexp.train`` on the default ring for ``--ddp-steps`` steps, their final
-   validation ELBO (``val/elbo_nats`` of summary.json) and its difference in standard errors.
+   validation ELBO (``val/elbo_nats`` of summary.json) and its difference in standard errors;
+5. with ``--plain``: the same 32-true training in a plain loop (``bench.train_throughput``'s:
+   loss, backward, Adam, LR schedule, EMA, no Lightning) on the device, and framework / plain;
+6. with ``--profile N``: ``torch.profiler`` over N eager bf16-mixed framework steps, the device's
+   busy time against the wall clock and the operators with the most device time (written to
+   ``profile_bf16.txt`` beside ``--out``).
 
 Each number is printed when measured and the JSON of ``--out`` is rewritten after each. With
 ``--device cpu --tiny`` everything is small (a narrow UNet on 16x16 images, a few steps, 20 DDP
@@ -43,7 +48,7 @@ import torch
 from pytorch_lightning.loggers import CSVLogger
 
 from bench.image_throughput import cifar_overrides
-from bench.train_throughput import _config
+from bench.train_throughput import _batches, _config
 from diffexp.build.factory import build_datamodule, build_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +81,31 @@ class _WindowTimer(pl.Callback):
         self.end = self._now()
 
 
+class _Profile(_WindowTimer):
+    """The window timer, with ``torch.profiler`` recording the timed steps."""
+
+    def __init__(self, warmup: int, device: str) -> None:
+        """No profiler until the warm-up ends."""
+        super().__init__(warmup, device)
+        self.profiler: torch.profiler.profile | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        """Start the profiler with the timed steps."""
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if trainer.global_step == self.warmup:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+
+    def on_train_end(self, trainer, pl_module):
+        """Stop the profiler after the last step (the device's queue drained)."""
+        super().on_train_end(trainer, pl_module)
+        if self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+
+
 def peak_memory_mb(device: str) -> float:
     """Peak memory in MiB: CUDA's max allocated since the last reset, or the process's max RSS."""
     if device == "cuda":
@@ -83,15 +113,25 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def throughput(
-    overrides: list[str], precision: str, compile_net: bool, args: argparse.Namespace
-) -> dict[str, float]:
-    """Images/s, ms/step, warm-up seconds and peak memory of ``Trainer.fit`` on the CIFAR UNet."""
+def _reset_memory(device: str) -> None:
+    """Free what the last run left and restart the peak-memory count."""
     gc.collect()
-    if args.device == "cuda":
+    if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    steps, warmup = args.steps, args.warmup
+
+
+def throughput(
+    overrides: list[str],
+    precision: str,
+    compile_net: bool,
+    args: argparse.Namespace,
+    profile_steps: int = 0,
+) -> dict[str, Any]:
+    """Images/s, ms/step, warm-up seconds and peak memory of ``Trainer.fit`` on the CIFAR UNet
+    (with ``profile_steps``: that many timed steps, profiled; the profiler under ``profiler``)."""
+    _reset_memory(args.device)
+    steps, warmup = (profile_steps or args.steps), args.warmup
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _config(
             [
@@ -104,7 +144,7 @@ def throughput(
         pl.seed_everything(0, verbose=False)
         dm = build_datamodule(cfg.data)
         module = build_module(cfg, dm)
-        timer = _WindowTimer(warmup, args.device)
+        timer = (_Profile if profile_steps else _WindowTimer)(warmup, args.device)
         trainer = pl.Trainer(
             accelerator="gpu" if args.device == "cuda" else "cpu",
             devices=1,
@@ -131,8 +171,76 @@ def throughput(
         "batch": batch,
         "steps": steps,
     }
+    if profile_steps:
+        result["profiler"] = timer.profiler
     del trainer, module, dm
     return result
+
+
+def plain_throughput(overrides: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """Images/s and ms/step of the plain 32-true loop (``bench.train_throughput.plain_chunks``'s
+    step: the batch moved to the device, loss, backward, Adam, LR schedule, EMA)."""
+    _reset_memory(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = _config([*overrides, f"trainer.max_steps={args.steps + args.warmup}"], tmp)
+        pl.seed_everything(0, verbose=False)
+        dm = build_datamodule(cfg.data)
+        module = build_module(cfg, dm).to(args.device)
+        opt_cfg = module.configure_optimizers()
+        optimizer = opt_cfg["optimizer"] if isinstance(opt_cfg, dict) else opt_cfg
+        scheduler = opt_cfg["lr_scheduler"]["scheduler"] if isinstance(opt_cfg, dict) else None
+        timer = _WindowTimer(args.warmup, args.device)
+        for step, (x0, y) in enumerate(_batches(dm, args.steps + args.warmup)):
+            if step == args.warmup:
+                timer.start = timer._now()
+            x0 = x0.to(args.device, non_blocking=True)
+            y = None if y is None else y.to(args.device, non_blocking=True)
+            out = module.objective(
+                module.denoiser, x0, y, T=module.T, reconstruction_nll=module.reconstruction_nll
+            )
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            if module.ema is not None:
+                module.ema.update(module.denoiser)
+        timer.end = timer._now()
+        batch = int(cfg.data.batch_size)
+    seconds = timer.end - timer.start
+    return {
+        "images_per_s": batch * args.steps / seconds,
+        "ms_per_step": 1000 * seconds / args.steps,
+        "peak_mem_mb": peak_memory_mb(args.device),
+        "batch": batch,
+        "steps": args.steps,
+    }
+
+
+def profile_report(profiler: torch.profiler.profile, wall_s: float, rows: int = 30) -> tuple:
+    """(device busy seconds, host seconds in operators, the table of the top operators by self
+    device time) of a finished profile."""
+    events = profiler.key_averages()
+
+    def device_us(e: Any) -> float:
+        """An operator's self time on the device in us (the attribute's name moved in torch 2.4)."""
+        for name in ("self_device_time_total", "self_cuda_time_total"):
+            if hasattr(e, name):
+                return float(getattr(e, name))
+        return 0.0
+
+    busy = sum(device_us(e) for e in events) / 1e6
+    host = sum(float(e.self_cpu_time_total) for e in events) / 1e6
+    sort = "self_cuda_time_total" if busy > 0 else "self_cpu_time_total"
+    try:
+        table = events.table(sort_by=sort, row_limit=rows)
+    except (AttributeError, KeyError, ValueError):
+        table = events.table(sort_by="self_device_time_total", row_limit=rows)
+    header = (
+        f"wall {wall_s:.3f} s, device busy {busy:.3f} s ({100 * busy / wall_s:.1f} %), "
+        f"host in operators {host:.3f} s\n"
+    )
+    return busy, host, header + table
 
 
 def train_run(extra: list[str], run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -229,6 +337,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile-all", action="store_true", help="compile in 32-true too")
     parser.add_argument("--skip-ddp", action="store_true")
     parser.add_argument(
+        "--plain", action="store_true", help="time the plain 32-true loop: framework / plain"
+    )
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="profile N eager bf16 steps"
+    )
+    parser.add_argument(
         "--matmul-precision",
         choices=("highest", "high", "medium"),
         default=None,
@@ -298,6 +412,34 @@ def main(argv: list[str] | None = None) -> None:
         results["bf16_speedup"] = tp["bf16"]["images_per_s"] / tp["fp32"]["images_per_s"]
         print(f"bf16-mixed / 32-true images/s: {results['bf16_speedup']:.3f}", flush=True)
     write(results, args.out)
+    if args.plain:
+        try:
+            results["plain_fp32"] = plain_throughput(overrides, args)
+        except Exception as err:  # noqa: BLE001 - report and go on to the other checks
+            failed = True
+            results["plain_fp32"] = {"error": f"{type(err).__name__}: {err}"}
+        plain = results["plain_fp32"]
+        print(f"plain loop (32-true): {plain}", flush=True)
+        if "images_per_s" in plain and "images_per_s" in tp["fp32"]:
+            results["framework_over_plain_fp32"] = (
+                tp["fp32"]["images_per_s"] / plain["images_per_s"]
+            )
+            print(f"framework / plain (32-true): {results['framework_over_plain_fp32']:.3f}")
+        write(results, args.out)
+    if args.profile:
+        try:
+            got = throughput(overrides, "bf16-mixed", False, args, profile_steps=args.profile)
+            busy, host, table = profile_report(
+                got.pop("profiler"), got["ms_per_step"] * got["steps"] / 1000
+            )
+            (args.out.parent / "profile_bf16.txt").write_text(table)
+            got.update(device_busy_s=busy, host_op_s=host)
+            print(table, flush=True)
+        except Exception as err:  # noqa: BLE001 - report and go on to the other checks
+            failed = True
+            got = {"error": f"{type(err).__name__}: {err}"}
+        results["profile_bf16"] = got
+        write(results, args.out)
     if not args.skip_ddp:
         start = time.perf_counter()
         results["ddp"] = ddp_check(args)

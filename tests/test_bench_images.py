@@ -49,7 +49,17 @@ def test_data_loading_prints_every_loader_and_the_step() -> None:
 def test_gpu_check_on_the_cpu_saves_finite_numbers(tmp_path: Path) -> None:
     """--device cpu --tiny writes every expected key of the JSON with a finite number."""
     out_file = tmp_path / "gpu_check.json"
-    out = _bench("bench.gpu_check", "--device", "cpu", "--tiny", "--out", str(out_file))
+    out = _bench(
+        "bench.gpu_check",
+        "--device",
+        "cpu",
+        "--tiny",
+        "--plain",
+        "--profile",
+        "2",
+        "--out",
+        str(out_file),
+    )
     assert "bf16-mixed / 32-true" in out and "DDP (1 device) - single ELBO" in out
     results = json.loads(out_file.read_text())
     assert results["environment"]["device"] == "cpu"
@@ -59,6 +69,11 @@ def test_gpu_check_on_the_cpu_saves_finite_numbers(tmp_path: Path) -> None:
             assert _finite(run[key]) and run[key] > 0, (name, key, run)
     assert "bf16_compile" not in results["throughput"]  # --tiny on the CPU skips compile
     assert _finite(results["bf16_speedup"])
+    # --plain: the plain loop's throughput and framework / plain; --profile: the operators' table
+    assert _finite(results["plain_fp32"]["images_per_s"]) and results["plain_fp32"]["steps"] == 3
+    assert _finite(results["framework_over_plain_fp32"])
+    assert results["profile_bf16"]["steps"] == 2 and results["profile_bf16"]["host_op_s"] > 0
+    assert "aten::convolution" in (tmp_path / "profile_bf16.txt").read_text()
     ddp = results["ddp"]
     for run in (ddp["single"], ddp["ddp"]):
         assert _finite(run["elbo_nats"]) and _finite(run["elbo_se"]) and run["elbo_se"] > 0
