@@ -140,6 +140,7 @@ def _sample_report(
     import torch
 
     from diffexp.build.factory import build_sampler
+    from diffexp.build.grids import load_grid_times
     from diffexp.build.runs import describe_guidance
     from diffexp.metrics.plots import plot_samples
     from diffexp.metrics.sample_kl import sample_kl
@@ -147,7 +148,7 @@ def _sample_report(
 
     n = int(cfg.n_samples)
     dm = model.datamodule
-    sampler = build_sampler(cfg.sampler, cfg.get("steps"))
+    sampler = build_sampler(cfg.sampler, cfg.get("steps"), load_grid_times(cfg))
     gen = torch.Generator(device=cfg.device).manual_seed(int(cfg.seed) + 1)
     chunks, nfe = [], 0
     for start in range(0, n, int(cfg.batch_size)):

@@ -35,10 +35,11 @@ def sample(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
     import torch
 
     from diffexp.build.factory import build_sampler
+    from diffexp.build.grids import load_grid_times
     from diffexp.metrics.plots import plot_samples, save_image_grid
     from diffexp.training.loggers import log
 
-    sampler = build_sampler(cfg.sampler, cfg.get("steps"))
+    sampler = build_sampler(cfg.sampler, cfg.get("steps"), load_grid_times(cfg))
     denoiser = guided_denoiser(model, cfg)
     n = int(cfg.n_samples)
     y = sampling_labels(cfg, model, denoiser, n, cfg.device)

@@ -24,6 +24,7 @@ HYDRA_ENTRIES = {
     "train": "train",
     "eval": "eval",
     "sample": "sample",
+    "optimize_grid": "optimize_grid",
     "train_classifier": "train_classifier",
     "train_features": "train_features",
 }

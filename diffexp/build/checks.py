@@ -291,6 +291,29 @@ SAMPLE_RULES: tuple[Rule, ...] = (
     *_sampler_rules(),
 )
 
+OPTIMIZE_GRID_RULES: tuple[Rule, ...] = (
+    Rule("seed", "int", low=0, fix="Set seed=0, for example."),
+    Rule("n_samples", "int", low=2, fix="Set n_samples=2000 (the default)."),
+    Rule("reference_steps", "int", low=1, fix="Set reference_steps=200 (the default)."),
+    Rule("steps", "int", low=1, nullable=True, fix="Set steps=10, for example."),
+    Rule("search.sweeps", "int", low=0, fix="Set search.sweeps=3 (the default)."),
+    Rule("label", "int", low=0, nullable=True),
+    Rule("use_ema", "bool"),
+    Rule("model.T", "int", low=0),
+    *_guidance_rules(),
+    *_sampler_rules(),
+)
+
+
+def check_no_optimized_grid(cfg: DictConfig, keys: Sequence[str], why: str) -> None:
+    """Refuse ``time_grid=optimized`` for the samplers at ``keys`` (``why``: where it cannot be)."""
+    for key in keys:
+        if OmegaConf.select(cfg, f"{key}.time_grid") == "optimized":
+            raise ConfigError(
+                f"{key}.time_grid=optimized {why}. Choose a fixed grid ({key}.time_grid=log_snr, "
+                "uniform or karras)."
+            )
+
 
 def check_samplers(cfg: DictConfig, keys: Sequence[str]) -> None:
     """Refuse a sampler whose settings its class refuses (a plain dataclass: building it costs
@@ -361,6 +384,12 @@ def check_train(cfg: DictConfig) -> None:
     check_grad_clip(cfg)
     check_guidance_interval(cfg)
     check_samplers(cfg, ["sampler", "callbacks.samples.sampler"])
+    check_no_optimized_grid(
+        cfg,
+        ["sampler", "callbacks.samples.sampler"],
+        "is for eval and sample: a grid is fitted to a trained model (python -m "
+        "diffexp.optimize_grid run=<run> ...) after training",
+    )
 
 
 def check_eval(cfg: DictConfig) -> None:
@@ -371,6 +400,31 @@ def check_eval(cfg: DictConfig) -> None:
     names = OmegaConf.select(cfg, "estimators.schedules") or []
     if names:
         check_schedule_options(list(names), "estimators.schedules")
+
+
+def check_optimize_grid(cfg: DictConfig) -> None:
+    """Refuse a grid-fitting config whose values are of the wrong type or out of range."""
+    check_rules(cfg, OPTIMIZE_GRID_RULES)
+    check_guidance_interval(cfg)
+    check_samplers(cfg, ["sampler"])
+    check_no_optimized_grid(
+        cfg,
+        ["sampler"],
+        "cannot be fitted: sampler.time_grid is the fixed grid of the reference run "
+        "(reference_steps steps) and the grid the fit starts from",
+    )
+    for key in ("search.fractions", "search.rhos"):
+        values = OmegaConf.select(cfg, key)
+        ok = isinstance(values, ListConfig) and len(values) > 0
+        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        low = 0.0 if key == "search.fractions" else 1e-3
+        high = 0.45 if key == "search.fractions" else 100.0
+        if not ok or not all(low <= float(v) <= high for v in values):
+            raise ConfigError(
+                f"{key}={values!r}: expected a non-empty list of numbers in [{low}, {high}]. "
+                f"Set {key}=[...] (defaults: fractions [0.0, 0.1, 0.2, 0.3], rhos [0.5, 0.7, "
+                "1.0, 1.4, 2.0])."
+            )
 
 
 def check_sample(cfg: DictConfig) -> None:

@@ -221,6 +221,12 @@ def reconstruction_nll_of(datamodule: Any) -> Any:
     return getattr(datamodule, "reconstruction_nll", gaussian_reconstruction_nll)
 
 
-def build_sampler(cfg_sampler: DictConfig, steps: int | None = None) -> Any:
-    """The sampler, with ``steps`` overriding the configured number of steps."""
-    return instantiate(cfg_sampler, **({"steps": steps} if steps else {}))
+def build_sampler(
+    cfg_sampler: DictConfig, steps: int | None = None, times: list[float] | None = None
+) -> Any:
+    """The sampler, with ``steps`` overriding the configured number of steps and ``times`` the
+    optimized grid's (``build.grids.load_grid_times``)."""
+    extra: dict[str, Any] = {"steps": steps} if steps else {}
+    if times is not None:
+        extra["times"] = times
+    return instantiate(cfg_sampler, **extra)

@@ -46,6 +46,9 @@ from diffexp.diffusion.noise_level import NoiseLevel
 from diffexp.diffusion.schedules import Schedule
 
 TIME_GRIDS = ("uniform", "log_snr", "karras")
+# a sampler's time_grid: a fixed grid, or "optimized": the times given (``times``), fitted to a
+# model by ``grid_search.optimize_log_snr_grid`` (python -m diffexp.optimize_grid)
+SAMPLER_TIME_GRIDS = (*TIME_GRIDS, "optimized")
 KARRAS_RHO = 7.0
 
 
@@ -112,9 +115,20 @@ class Grid:
     dlog_snr: Tensor
 
     @classmethod
-    def build(cls, schedule: Schedule, steps: int, kind: str, **like) -> Grid:
-        """The grid of ``time_grid`` with lambda and its derivative from the schedule."""
-        t = time_grid(schedule, steps, kind, **like)
+    def build(
+        cls, schedule: Schedule, steps: int, kind: str, times: list[float] | None = None, **like
+    ) -> Grid:
+        """The grid of ``time_grid`` (or the given ``times`` for kind "optimized") with lambda
+        and its derivative from the schedule."""
+        if kind == "optimized":
+            if times is None or len(times) != steps + 1:
+                raise ValueError(
+                    f"time_grid=optimized needs steps + 1 = {steps + 1} times, got "
+                    f"{None if times is None else len(times)}"
+                )
+            t = torch.tensor(times, **like)
+        else:
+            t = time_grid(schedule, steps, kind, **like)
         lam, dlam = schedule.log_snr_and_derivative(t)
         return cls(t=t, log_snr=lam.to(t.dtype), dlog_snr=dlam.to(t.dtype))
 
@@ -163,7 +177,7 @@ _HIDDEN = {"show": False}
 # coercions of the settings, by their annotation: ``DDIM(eta=0)`` holds (and shows) eta = 0.0
 _COERCE = {"int": int, "float": float, "str": str}
 # the settings every sampler has, listed last by ``settings()``
-SHARED_SETTINGS = ("time_grid", "final_denoise")
+SHARED_SETTINGS = ("time_grid", "final_denoise", "times")
 
 sampler_dataclass = dataclass(kw_only=True, repr=False, eq=False)
 
@@ -181,14 +195,24 @@ class Sampler:
 
     time_grid: str = "uniform"
     final_denoise: bool | str = True
+    # time_grid=optimized: the grid's times t_0 < ... < t_steps in [0, 1] (set from a grid file
+    # by the build layer, diffexp.build.grids)
+    times: list[float] | None = field(
+        default=None, metadata={"show": lambda s: s.time_grid == "optimized"}
+    )
 
     def __post_init__(self) -> None:
         """Coerce the settings to their annotated types, check the shared ones, then ``check``."""
         for f in fields(self):
             if f.type in _COERCE:
                 setattr(self, f.name, _COERCE[f.type](getattr(self, f.name)))
-        if self.time_grid not in TIME_GRIDS:
-            raise ValueError(f"unknown time grid {self.time_grid!r}; valid: {list(TIME_GRIDS)}")
+        if self.time_grid not in SAMPLER_TIME_GRIDS:
+            raise ValueError(
+                f"unknown time grid {self.time_grid!r}; valid: {list(SAMPLER_TIME_GRIDS)}"
+            )
+        if self.times is not None:
+            self.times = [float(v) for v in self.times]
+            self._check_times()
         if not (isinstance(self.final_denoise, bool) or self.final_denoise == "last_step"):
             raise ValueError(
                 f"final_denoise must be one of {list(FINAL_DENOISE)}, got {self.final_denoise!r}"
@@ -196,6 +220,23 @@ class Sampler:
         if self.steps is not None and int(self.steps) < 1:
             raise ValueError(f"steps must be a positive number of steps, got {self.steps}")
         self.check()
+
+    def _check_times(self) -> None:
+        """The given times: time_grid=optimized, steps + 1 of them, strictly increasing in
+        [0, 1]."""
+        times = self.times
+        if self.time_grid != "optimized":
+            raise ValueError(
+                f"times are used with time_grid=optimized only, not time_grid={self.time_grid!r}"
+            )
+        if self.steps is not None and len(times) != int(self.steps) + 1:
+            raise ValueError(
+                f"an optimized grid of {len(times) - 1} steps cannot run steps={self.steps}: "
+                f"fit a grid for {self.steps} steps (python -m diffexp.optimize_grid "
+                f"steps={self.steps} ...)"
+            )
+        if not all(0.0 <= a < b <= 1.0 for a, b in zip(times[:-1], times[1:], strict=True)):
+            raise ValueError(f"the grid's times must increase strictly within [0, 1]: {times}")
 
     def check(self) -> None:
         """Refuse invalid settings of the subclass's own (ValueError); the shared ones are
@@ -221,7 +262,12 @@ class Sampler:
         """
         like = {"device": device, "dtype": dtype}
         model, noise = NFECounter(denoiser, y), Noise(shape, generator, **like)
-        grid = Grid.build(denoiser.schedule, int(self.steps), self.time_grid, **like)
+        if self.time_grid == "optimized" and self.times is None:
+            raise ValueError(
+                "time_grid=optimized needs the grid's times: fit them with python -m "
+                "diffexp.optimize_grid (eval and sample read them from the grid file)"
+            )
+        grid = Grid.build(denoiser.schedule, int(self.steps), self.time_grid, self.times, **like)
         end = 1 if self.final_denoise == "last_step" else 0
         x = self.run(model, noise(), grid, noise, end, callback)
         if self.final_denoise:

@@ -295,6 +295,33 @@ CASES: list[Case] = [
         "guidance.scale",
     ),
     Case("eval_device_unknown", "eval", _plain("device=gpu0"), "device"),
+    # an optimized time grid: fitted after training, to a model, for a sampler and steps
+    Case(
+        "train_optimized_grid",
+        "train",
+        _plain("sampler.time_grid=optimized"),
+        "sampler.time_grid=optimized is for eval and sample",
+    ),
+    Case(
+        "sample_optimized_grid_oracle_without_grid",
+        "sample",
+        _plain("sampler.time_grid=optimized"),
+        "grid=<the file",
+    ),
+    Case(
+        "sample_optimized_grid_not_fitted",
+        "sample",
+        _run("sampler=sde", "steps=7", "sampler.time_grid=optimized"),
+        "grids/ReverseSDE-7.json",
+    ),
+    Case(
+        "optimize_grid_of_an_optimized_grid",
+        "optimize_grid",
+        _plain("sampler.time_grid=optimized"),
+        "sampler.time_grid=optimized",
+    ),
+    Case("optimize_grid_no_rhos", "optimize_grid", _plain("search.rhos=[]"), "search.rhos"),
+    Case("optimize_grid_n_samples_1", "optimize_grid", _plain("n_samples=1"), "n_samples=1"),
 ]
 
 

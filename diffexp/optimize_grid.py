@@ -1,0 +1,153 @@
+"""Fit a sampler's time grid to a model: ``python -m diffexp.optimize_grid run=<folder>
+sampler=<name> steps=<N>`` (or ``ckpt=<file>``, or ``network=oracle grid=<file>``).
+
+Scores candidate log-SNR grids by the energy distance of the sampler's samples to a reference
+(the same sampler with ``reference_steps`` steps on its configured grid), with the same noise for
+every candidate (``diffexp.diffusion.grid_search``), and writes the best next to the checkpoint,
+``<checkpoint folder>/grids/<Sampler>-<steps>.json``, or to ``grid=<file>``.
+``eval``/``sample`` ``sampler=<name> steps=<N> sampler.time_grid=optimized`` use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from diffexp.build.checks import check_optimize_grid
+from diffexp.build.runs import check_request
+from diffexp.cli import CONF_DIR, refusing_bad_input, run_cli, task_overrides
+
+
+def optimize_grid(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
+    """Fit the grid, write its record, return the file's path."""
+    import torch
+
+    from diffexp.build.factory import build_sampler
+    from diffexp.build.grids import grid_path, identifying_settings, sampler_name, save_grid
+    from diffexp.build.runs import describe_guidance, guided_denoiser, load_model, sampling_labels
+    from diffexp.diffusion.grid_search import energy_distance, optimize_log_snr_grid
+    from diffexp.diffusion.samplers import TIME_GRIDS, time_grid
+    from diffexp.training.loggers import log
+
+    out_dir = Path(cfg.paths.output_dir)
+    if cfg.get("grid") or cfg.get("run") or cfg.get("ckpt"):
+        path = grid_path(cfg)
+    else:
+        path = out_dir / f"{sampler_name(cfg.sampler)}-{cfg.get('steps') or cfg.sampler.steps}.json"
+    model = load_model(cfg, device=cfg.device, overrides=overrides, seed=int(cfg.seed))
+    sampler = build_sampler(cfg.sampler, cfg.get("steps"))
+    steps = int(sampler.steps)
+    denoiser = guided_denoiser(model, cfg)
+    n, device = int(cfg.n_samples), cfg.device
+    y = sampling_labels(cfg, model, denoiser, n, device)
+    shape = (n, *model.datamodule.shape)
+    schedule = denoiser.schedule
+    lam_max, lam_min = (float(v) for v in schedule.endpoints)
+    seed = int(cfg.seed)
+
+    def draw(s: Any, generator_seed: int) -> torch.Tensor:
+        gen = torch.Generator(device=device).manual_seed(generator_seed)
+        return s.sample(denoiser, shape, y=y, generator=gen, device=device).x
+
+    start = time.perf_counter()
+    reference_sampler = dataclasses.replace(sampler, steps=int(cfg.reference_steps))
+    reference = draw(reference_sampler, seed + 1)
+
+    def times_of(lam: torch.Tensor) -> list[float]:
+        t = schedule.t_of_log_snr(lam.to(torch.float64)).clamp(0.0, 1.0)
+        t[0] = 0.0 if lam[0] >= lam_max else t[0]
+        t[-1] = 1.0 if lam[-1] <= lam_min else t[-1]
+        return [float(v) for v in t]
+
+    def on_grid(lam: torch.Tensor) -> Any:
+        return dataclasses.replace(sampler, time_grid="optimized", times=times_of(lam))
+
+    def score(lam: torch.Tensor, generator_seed: int = seed) -> float:
+        try:
+            candidate = on_grid(lam)
+        except ValueError:  # two times equal in float: not a grid
+            return float("inf")
+        x = draw(candidate, generator_seed)
+        return energy_distance(x, reference) if torch.isfinite(x).all() else float("inf")
+
+    fixed = {}
+    for kind in TIME_GRIDS:
+        t = time_grid(schedule, steps, kind, dtype=torch.float64)
+        fixed[kind] = schedule.log_snr(t).to(torch.float64)
+    search = cfg.search
+    result = optimize_log_snr_grid(
+        score,
+        lam_min,
+        lam_max,
+        steps,
+        fixed=fixed,
+        fractions=tuple(search.fractions),
+        rhos=tuple(search.rhos),
+        sweeps=int(search.sweeps),
+    )
+    best_fixed = min(result.fixed, key=result.fixed.get)
+    heldout_seed = seed + 2
+    heldout = {
+        "optimized": score(result.log_snr, heldout_seed),
+        best_fixed: score(fixed[best_fixed], heldout_seed),
+    }
+    seconds = time.perf_counter() - start
+    times = times_of(result.log_snr)
+    record = {
+        "sampler": sampler_name(cfg.sampler),
+        "settings": identifying_settings(sampler),
+        "steps": steps,
+        "times": times,
+        "log_snr": [float(v) for v in result.log_snr],
+        "score": "energy distance to the reference (same sampler, reference_steps steps)",
+        "energy_distance": result.score,
+        "fixed_grids": result.fixed,
+        "heldout_seed": heldout_seed,
+        "heldout": heldout,
+        "evaluations": result.evaluations,
+        "n_samples": n,
+        "reference_steps": int(cfg.reference_steps),
+        "reference_grid": sampler.time_grid,
+        "source": model.source,
+        "guidance": describe_guidance(denoiser, model.denoiser),
+        "seconds": seconds,
+        "config": OmegaConf.to_container(cfg.search),
+    }
+    save_grid(path, record)
+    if path.parent != out_dir:
+        save_grid(out_dir / "grid.json", record)
+    log.info("wrote %s", path)
+    fixed_list = ", ".join(f"{k} {v:.4g}" for k, v in result.fixed.items())
+    lam_list = ", ".join(f"{v:.2f}" for v in result.log_snr)
+    print(
+        f"wrote {path}\n"
+        f"{sampler_name(cfg.sampler)}, {steps} steps: energy distance {result.score:.4g} "
+        f"(fixed grids: {fixed_list}); held out (seed {heldout_seed}): optimized "
+        f"{heldout['optimized']:.4g}, {best_fixed} {heldout[best_fixed]:.4g}; "
+        f"{result.evaluations} grids in {seconds:.0f} s\nlog-SNR grid: [{lam_list}]"
+    )
+    return path
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="optimize_grid")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point: the config's values checked first, then the fit."""
+    with refusing_bad_input():
+        check_optimize_grid(cfg)
+        check_request(cfg)
+        optimize_grid(cfg, overrides=task_overrides())
+
+
+def run() -> None:
+    """Console script ``diffexp-optimize-grid``: ``main`` with the command line's exit codes."""
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    run()
