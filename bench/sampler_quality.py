@@ -17,7 +17,13 @@ predictor + corrector; "last_step": the last interval is the final denoise, no e
 cell shows the NFE it used where it differs. Adaptive solvers are listed by tolerance.
 
     python -m bench.sampler_quality [--n 20000] [--nfe 5 10 20 50 100] [--seed 0] [--floor-sets 5]
-        [--rows SUBSTRING] [--run RUN_FOLDER]
+        [--rows SUBSTRING] [--run RUN_FOLDER] [--optimized-nfe 5 10 20] [--fit-n 2000]
+
+Rows marked "optimized grid" run on a grid fitted to the denoiser for that budget
+(``diffexp.diffusion.grid_search.fit_time_grid``, as ``python -m diffexp.optimize_grid`` does:
+energy distance of ``--fit-n`` samples to the same sampler with 200 steps, noise seeds apart
+from the table's), at the budgets of ``--optimized-nfe`` ("-" elsewhere). The last table names
+each budget's best row.
 
 ``--run`` replaces the oracle by a model trained on the ring (its EMA weights), e.g. one run of
 ``experiment=ablation_objectives_vdmpp``: the same table for a trained denoiser, whose own error
@@ -27,6 +33,7 @@ now adds to the sampler's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -35,6 +42,7 @@ import torch
 
 from diffexp.data.mixtures import make_mixture
 from diffexp.diffusion.denoiser import Denoiser
+from diffexp.diffusion.grid_search import fit_time_grid
 from diffexp.diffusion.parameterizations import Eps
 from diffexp.diffusion.samplers import (
     DDIM,
@@ -100,6 +108,21 @@ ROWS: dict[str, Callable[[int], Sampler]] = {
     ),
 }
 ADAPTIVE = [("dopri5", tol) for tol in (1e-2, 1e-3, 1e-4, 1e-5)] + [("bosh3", 1e-3)]
+# the rows whose sampler also runs on a fitted grid (label -> target NFE -> sampler); one NFE per
+# step (the grid is fitted for the sampler's steps)
+OPTIMIZED = (
+    "ancestral (log_snr, last_step)",
+    "ddim eta=0 (log_snr, last_step)",
+    "sde euler-maruyama (log_snr, last_step)",
+    "dpmpp_2m (log_snr, last_step)",
+    "dpmpp_2m_sde eta=0.5 (log_snr, last_step)",
+)
+FIT_REFERENCE_STEPS = 200
+
+
+def optimized_row(label: str) -> str:
+    """The label of a row's sampler on its fitted grid."""
+    return label.replace("(log_snr,", "(optimized grid,")
 
 
 def oracle(dtype: torch.dtype = torch.float32) -> Denoiser:
@@ -169,6 +192,14 @@ def main(argv: list[str] | None = None) -> None:
         "--rows", default="", help="only the samplers whose label contains this (both tables)"
     )
     parser.add_argument("--run", default=None, help="a ring8 training run instead of the oracle")
+    parser.add_argument(
+        "--optimized-nfe",
+        type=int,
+        nargs="*",
+        default=[5, 10, 20],
+        help="budgets at which the fitted-grid rows run (none: no such rows)",
+    )
+    parser.add_argument("--fit-n", type=int, default=2000, help="samples per candidate grid")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     den = oracle() if args.run is None else trained(args.run)
@@ -188,14 +219,32 @@ def main(argv: list[str] | None = None) -> None:
     print("cells: KL(samples || q) / log-density gap, nats (NFE used, where not the column's)\n")
     print("| sampler | " + " | ".join(f"NFE {n}" for n in args.nfe) + " |")
     print("|---|" + "---|" * len(args.nfe))
-    for label, make in ROWS.items():
-        if args.rows not in label:
-            continue
+    best: dict[int, tuple[float, str]] = {}
+
+    def row(label: str, samplers: dict[int, Sampler | None]) -> None:
         cells = []
         for target in args.nfe:
-            kl, gap, nfe = run(make(target))
+            sampler = samplers.get(target)
+            if sampler is None:
+                cells.append("-")
+                continue
+            kl, gap, nfe = run(sampler)
             cells.append(_cell(kl, gap, nfe, target))
+            if nfe <= target and kl < best.get(target, (math.inf, ""))[0]:
+                best[target] = (kl, label)
         print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
+
+    for label, make in ROWS.items():
+        if args.rows in label:
+            row(label, {target: make(target) for target in args.nfe})
+    for label in OPTIMIZED:
+        if args.rows not in label or not args.optimized_nfe:
+            continue
+        fitted: dict[int, Sampler | None] = {}
+        for target in args.nfe:
+            if target in args.optimized_nfe:
+                fitted[target] = fit(ROWS[label](target), den, args)
+        row(optimized_row(label), fitted)
     print("\n| adaptive PF-ODE (over log-SNR) | rtol = atol | NFE | KL (nats) | gap (nats) |")
     print("|---|---|---|---|---|")
     for solver, tol in ADAPTIVE:
@@ -204,7 +253,23 @@ def main(argv: list[str] | None = None) -> None:
         sampler = ProbabilityFlowODE(solver=solver, rtol=tol, atol=tol, final_denoise=True)
         kl, gap, nfe = run(sampler)
         print(f"| {solver} (+denoise) | {tol:g} | {nfe} | {kl:.3f} | {gap:+.3f} |", flush=True)
+    print("\n| NFE | best sampler | KL (nats) |")
+    print("|---|---|---|")
+    for target in args.nfe:
+        if target in best:
+            kl, label = best[target]
+            print(f"| {target} | {label} | {kl:.3f} |")
     print(f"\n({time.perf_counter() - start:.0f} s, {torch.get_num_threads()} thread(s))")
+
+
+def fit(sampler: Sampler, den: Denoiser, args: argparse.Namespace) -> Sampler:
+    """``sampler`` on the grid fitted to ``den`` (noise seeds 7919 + the table's seed, apart from
+    the table's)."""
+    seed = args.seed + 7919
+    shape = (args.fit_n, 2)
+    reference = dataclasses.replace(sampler, steps=FIT_REFERENCE_STEPS)
+    ref = reference.sample(den, shape, generator=_gen(seed + 1)).x
+    return fit_time_grid(sampler, den, shape, ref, seed=seed)[1]
 
 
 if __name__ == "__main__":

@@ -31,8 +31,7 @@ def optimize_grid(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
     from diffexp.build.factory import build_sampler
     from diffexp.build.grids import grid_path, identifying_settings, sampler_name, save_grid
     from diffexp.build.runs import describe_guidance, guided_denoiser, load_model, sampling_labels
-    from diffexp.diffusion.grid_search import energy_distance, optimize_log_snr_grid
-    from diffexp.diffusion.samplers import TIME_GRIDS, time_grid
+    from diffexp.diffusion.grid_search import energy_distance, fit_time_grid
     from diffexp.training.loggers import log
 
     out_dir = Path(cfg.paths.output_dir)
@@ -47,8 +46,6 @@ def optimize_grid(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
     n, device = int(cfg.n_samples), cfg.device
     y = sampling_labels(cfg, model, denoiser, n, device)
     shape = (n, *model.datamodule.shape)
-    schedule = denoiser.schedule
-    lam_max, lam_min = (float(v) for v in schedule.endpoints)
     seed = int(cfg.seed)
 
     def draw(s: Any, generator_seed: int) -> torch.Tensor:
@@ -56,49 +53,29 @@ def optimize_grid(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
         return s.sample(denoiser, shape, y=y, generator=gen, device=device).x
 
     start = time.perf_counter()
-    reference_sampler = dataclasses.replace(sampler, steps=int(cfg.reference_steps))
-    reference = draw(reference_sampler, seed + 1)
-
-    def times_of(lam: torch.Tensor) -> list[float]:
-        t = schedule.t_of_log_snr(lam.to(torch.float64)).clamp(0.0, 1.0)
-        t[0] = 0.0 if lam[0] >= lam_max else t[0]
-        t[-1] = 1.0 if lam[-1] <= lam_min else t[-1]
-        return [float(v) for v in t]
-
-    def on_grid(lam: torch.Tensor) -> Any:
-        return dataclasses.replace(sampler, time_grid="optimized", times=times_of(lam))
-
-    def score(lam: torch.Tensor, generator_seed: int = seed) -> float:
-        try:
-            candidate = on_grid(lam)
-        except ValueError:  # two times equal in float: not a grid
-            return float("inf")
-        x = draw(candidate, generator_seed)
-        return energy_distance(x, reference) if torch.isfinite(x).all() else float("inf")
-
-    fixed = {}
-    for kind in TIME_GRIDS:
-        t = time_grid(schedule, steps, kind, dtype=torch.float64)
-        fixed[kind] = schedule.log_snr(t).to(torch.float64)
+    reference = draw(dataclasses.replace(sampler, steps=int(cfg.reference_steps)), seed + 1)
     search = cfg.search
-    result = optimize_log_snr_grid(
-        score,
-        lam_min,
-        lam_max,
-        steps,
-        fixed=fixed,
+    result, optimized = fit_time_grid(
+        sampler,
+        denoiser,
+        shape,
+        reference,
+        seed=seed,
+        y=y,
+        device=device,
         fractions=tuple(search.fractions),
         rhos=tuple(search.rhos),
         sweeps=int(search.sweeps),
     )
     best_fixed = min(result.fixed, key=result.fixed.get)
-    heldout_seed = seed + 2
+    heldout_seed = seed + 2  # fresh noise: the fit's score is optimistic for the noise it saw
+    fixed_sampler = dataclasses.replace(sampler, time_grid=best_fixed)
     heldout = {
-        "optimized": score(result.log_snr, heldout_seed),
-        best_fixed: score(fixed[best_fixed], heldout_seed),
+        "optimized": energy_distance(draw(optimized, heldout_seed), reference),
+        best_fixed: energy_distance(draw(fixed_sampler, heldout_seed), reference),
     }
     seconds = time.perf_counter() - start
-    times = times_of(result.log_snr)
+    times = optimized.times
     record = {
         "sampler": sampler_name(cfg.sampler),
         "settings": identifying_settings(sampler),

@@ -57,14 +57,25 @@ def test_noise_sampling_variance_prints_its_tables():
 
 
 def test_sampler_quality_prints_a_row_per_sampler_and_the_adaptive_table():
-    out = _bench("bench.sampler_quality", "--n", "500", "--nfe", "5", "--floor-sets", "2")
-    from bench.sampler_quality import ADAPTIVE, ROWS
+    args = ["--n", "500", "--floor-sets", "2", "--fit-n", "200"]
+    out = _bench("bench.sampler_quality", *args, "--nfe", "5", "10", "--optimized-nfe", "5")
+    from bench.sampler_quality import ADAPTIVE, OPTIMIZED, ROWS, optimized_row
 
     for label in ROWS:
         assert f"| {label} |" in out, label
+    for label in OPTIMIZED:  # fitted at NFE 5 only
+        row = next(
+            line for line in out.splitlines() if line.startswith(f"| {optimized_row(label)} |")
+        )
+        assert row.endswith("| - |") and row.count("/") == 1, row
     assert out.count("(+denoise) |") == len(ADAPTIVE)
-    only = _bench("bench.sampler_quality", "--n", "500", "--nfe", "5", "--rows", "dpmpp_2m_sde")
-    assert only.count("| dpmpp_2m_sde") == 2 and "| ancestral" not in only
+    best = out[out.index("| NFE | best sampler | KL (nats) |") :].splitlines()
+    assert best[2].startswith("| 5 | ") and best[3].startswith("| 10 | ")
+    only = _bench(
+        "bench.sampler_quality", *args, "--nfe", "5", "--rows", "dpmpp_2m_sde", "--optimized-nfe"
+    )
+    rows = [line for line in only.splitlines() if line.startswith("| dpmpp_2m_sde")]
+    assert len(rows) == 2 and "| ancestral" not in only
 
 
 def test_sampler_quality_takes_a_trained_run_instead_of_the_oracle(tmp_path):
@@ -85,6 +96,7 @@ def test_sampler_quality_takes_a_trained_run_instead_of_the_oracle(tmp_path):
         "dpmpp_2m_sde eta=0.5",
         "--floor-sets",
         "2",
+        "--optimized-nfe",
     )
     assert f"trained denoiser of {run}" in out
     row = next(line for line in out.splitlines() if line.startswith("| dpmpp_2m_sde eta=0.5"))

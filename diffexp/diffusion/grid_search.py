@@ -22,12 +22,17 @@ point moved on its own (coordinate descent, ends included) while the score falls
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from diffexp.diffusion.denoiser import DenoiserLike
+from diffexp.diffusion.samplers import TIME_GRIDS, Sampler, time_grid
+from diffexp.diffusion.schedules import Schedule
 
 
 def energy_distance(x: Tensor, y: Tensor, chunk: int = 2048) -> float:
@@ -159,3 +164,53 @@ def optimize_log_snr_grid(
         evaluations=evaluations,
         history=history,
     )
+
+
+def times_of_log_snr(schedule: Schedule, lam: Tensor) -> list[float]:
+    """t_i = t(lambda_i) in [0, 1], the schedule's ends mapped exactly to 0 and 1."""
+    lam_max, lam_min = (float(v) for v in schedule.endpoints)
+    t = schedule.t_of_log_snr(lam.to(torch.float64)).clamp(0.0, 1.0)
+    if lam[0] >= lam_max:
+        t[0] = 0.0
+    if lam[-1] <= lam_min:
+        t[-1] = 1.0
+    return [float(v) for v in t]
+
+
+def fit_time_grid(
+    sampler: Sampler,
+    denoiser: DenoiserLike,
+    shape: tuple[int, ...],
+    reference: Tensor,
+    *,
+    seed: int = 0,
+    y: Tensor | None = None,
+    device: torch.device | str | None = None,
+    **search,
+) -> tuple[GridSearchResult, Sampler]:
+    """The grid of ``sampler``'s steps whose samples (``shape``, noise from ``seed``) are nearest
+    ``reference`` in energy distance, and the sampler on it (``time_grid="optimized"``).
+    ``search``: ``optimize_log_snr_grid``'s options; its fixed grids are the sampler's."""
+    schedule = denoiser.schedule
+    lam_max, lam_min = (float(v) for v in schedule.endpoints)
+    steps = int(sampler.steps)
+
+    def on_grid(lam: Tensor) -> Sampler:
+        times = times_of_log_snr(schedule, lam)
+        return dataclasses.replace(sampler, time_grid="optimized", times=times)
+
+    def score(lam: Tensor) -> float:
+        try:
+            candidate = on_grid(lam)
+        except ValueError:  # two times equal in float: not a grid
+            return math.inf
+        gen = torch.Generator(device=device).manual_seed(seed)
+        x = candidate.sample(denoiser, shape, y=y, generator=gen, device=device).x
+        return energy_distance(x, reference) if torch.isfinite(x).all() else math.inf
+
+    fixed = {
+        kind: schedule.log_snr(time_grid(schedule, steps, kind, dtype=torch.float64)).double()
+        for kind in TIME_GRIDS
+    }
+    result = optimize_log_snr_grid(score, lam_min, lam_max, steps, fixed=fixed, **search)
+    return result, on_grid(result.log_snr)

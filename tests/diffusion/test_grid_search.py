@@ -11,9 +11,15 @@ import torch
 
 from diffexp.data.mixtures import make_mixture
 from diffexp.diffusion import samplers as S
-from diffexp.diffusion.grid_search import energy_distance, optimize_log_snr_grid, warped_log_snr
+from diffexp.diffusion.grid_search import (
+    energy_distance,
+    fit_time_grid,
+    optimize_log_snr_grid,
+    times_of_log_snr,
+    warped_log_snr,
+)
 from diffexp.metrics.sample_kl import sample_kl
-from tests.helpers import ENDS, oracle_denoiser
+from tests.helpers import oracle_denoiser
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -112,30 +118,12 @@ def test_on_the_oracle_the_optimized_grid_beats_every_fixed_grid_in_kl():
     den = oracle_denoiser().float()
     mixture = make_mixture("ring8").to(dtype=torch.float64)
     steps, n = 5, 2000
-    reference = S.ReverseSDE(steps=200, final_denoise="last_step")
-    ref = reference.sample(den, (n, 2), generator=_gen(1)).x
-
-    def times_of(lam: torch.Tensor) -> list[float]:
-        t = den.schedule.t_of_log_snr(lam).clamp(0.0, 1.0)
-        return [float(v) for v in t]
-
-    def score(lam: torch.Tensor) -> float:
-        try:
-            s = S.ReverseSDE(
-                steps=steps, final_denoise="last_step", time_grid="optimized", times=times_of(lam)
-            )
-        except ValueError:
-            return math.inf
-        return energy_distance(s.sample(den, (n, 2), generator=_gen(0)).x, ref)
-
-    lam_max, lam_min = ENDS["log_snr_max"], ENDS["log_snr_min"]
-    result = optimize_log_snr_grid(score, lam_min, lam_max, steps, sweeps=1)
-    optimized = S.ReverseSDE(
-        steps=steps,
-        final_denoise="last_step",
-        time_grid="optimized",
-        times=times_of(result.log_snr),
-    )
+    sampler = S.ReverseSDE(steps=steps, final_denoise="last_step")
+    ref = S.ReverseSDE(steps=200, final_denoise="last_step").sample(den, (n, 2), generator=_gen(1))
+    result, optimized = fit_time_grid(sampler, den, (n, 2), ref.x, seed=0, sweeps=1)
+    assert optimized.time_grid == "optimized" and optimized.steps == steps
+    assert optimized.times == times_of_log_snr(den.schedule, result.log_snr)
+    assert set(result.fixed) == set(S.TIME_GRIDS) and result.score < min(result.fixed.values())
 
     def kl(s: S.Sampler) -> float:
         x = s.sample(den, (20_000, 2), generator=_gen(5)).x.double()
