@@ -17,7 +17,7 @@ predictor + corrector; "last_step": the last interval is the final denoise, no e
 cell shows the NFE it used where it differs. Adaptive solvers are listed by tolerance.
 
     python -m bench.sampler_quality [--n 20000] [--nfe 5 10 20 50 100] [--seed 0] [--floor-sets 5]
-        [--rows SUBSTRING] [--run RUN_FOLDER] [--optimized-nfe 5 10 20] [--fit-n 2000]
+        [--rows SUBSTRING ...] [--run RUN_FOLDER] [--optimized-nfe 5 10 20] [--fit-n 2000]
 
 Rows marked "optimized grid" run on a grid fitted to the denoiser for that budget
 (``diffexp.diffusion.grid_search.fit_time_grid``, as ``python -m diffexp.optimize_grid`` does:
@@ -189,7 +189,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--floor-sets", type=int, default=5, help="exact sets for the KL floor")
     parser.add_argument(
-        "--rows", default="", help="only the samplers whose label contains this (both tables)"
+        "--rows",
+        nargs="+",
+        default=[""],
+        help="only the samplers whose label contains one of these (all tables)",
     )
     parser.add_argument("--run", default=None, help="a ring8 training run instead of the oracle")
     parser.add_argument(
@@ -234,11 +237,14 @@ def main(argv: list[str] | None = None) -> None:
                 best[target] = (kl, label)
         print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
 
+    def wanted(label: str) -> bool:
+        return any(part in label for part in args.rows)
+
     for label, make in ROWS.items():
-        if args.rows in label:
+        if wanted(label):
             row(label, {target: make(target) for target in args.nfe})
     for label in OPTIMIZED:
-        if args.rows not in label or not args.optimized_nfe:
+        if not wanted(optimized_row(label)) or not args.optimized_nfe:
             continue
         fitted: dict[int, Sampler | None] = {}
         for target in args.nfe:
@@ -248,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n| adaptive PF-ODE (over log-SNR) | rtol = atol | NFE | KL (nats) | gap (nats) |")
     print("|---|---|---|---|---|")
     for solver, tol in ADAPTIVE:
-        if args.rows not in solver:
+        if not wanted(solver):
             continue
         sampler = ProbabilityFlowODE(solver=solver, rtol=tol, atol=tol, final_denoise=True)
         kl, gap, nfe = run(sampler)
@@ -269,7 +275,8 @@ def fit(sampler: Sampler, den: Denoiser, args: argparse.Namespace) -> Sampler:
     shape = (args.fit_n, 2)
     reference = dataclasses.replace(sampler, steps=FIT_REFERENCE_STEPS)
     ref = reference.sample(den, shape, generator=_gen(seed + 1)).x
-    return fit_time_grid(sampler, den, shape, ref, seed=seed)[1]
+    heldout = (seed + 2, seed + 3)
+    return fit_time_grid(sampler, den, shape, ref, seed=seed, heldout_seeds=heldout)[1]
 
 
 if __name__ == "__main__":

@@ -70,8 +70,11 @@ def test_a_grid_fitted_to_a_run_sits_next_to_its_checkpoint_and_is_used(run, tmp
     assert record["sampler"] == "ReverseSDE" and record["steps"] == 4
     times = record["times"]
     assert len(times) == 5 and all(a < b for a, b in zip(times, times[1:], strict=False))
-    # the search scored the fixed grids and kept a grid at least as good as the best of them
+    # the search scored the fixed grids and found a grid at least as good as the best of them;
+    # on fresh noise it kept that grid or, where it did not hold up, the best fixed one
     assert record["energy_distance"] <= min(record["fixed_grids"].values())
+    assert record["chosen"] in ("optimized", *record["fixed_grids"])
+    assert set(record["heldout"]) >= {"optimized"} and len(record["heldout_seeds"]) == 2
     assert str(path) in proc.stdout
 
     proc = _python(

@@ -413,6 +413,14 @@ def check_optimize_grid(cfg: DictConfig) -> None:
         "cannot be fitted: sampler.time_grid is the fixed grid of the reference run "
         "(reference_steps steps) and the grid the fit starts from",
     )
+    from hydra.utils import instantiate
+
+    if getattr(instantiate(cfg.sampler), "adaptive", False):
+        raise ConfigError(
+            f"sampler.solver={cfg.sampler.solver}: an adaptive solver chooses its own steps and "
+            "uses no grid point but the ends, so there is no grid to fit. Use a fixed-step "
+            "solver (sampler.solver=heun, euler, rk4, ...) or another sampler."
+        )
     for key in ("search.fractions", "search.rhos"):
         values = OmegaConf.select(cfg, key)
         ok = isinstance(values, ListConfig) and len(values) > 0

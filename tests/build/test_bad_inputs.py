@@ -320,6 +320,12 @@ CASES: list[Case] = [
         _plain("sampler.time_grid=optimized"),
         "sampler.time_grid=optimized",
     ),
+    Case(
+        "optimize_grid_adaptive_solver",
+        "optimize_grid",
+        _plain("sampler=ode", "sampler.solver=dopri5"),
+        "sampler.solver=dopri5",
+    ),
     Case("optimize_grid_no_rhos", "optimize_grid", _plain("search.rhos=[]"), "search.rhos"),
     Case("optimize_grid_n_samples_1", "optimize_grid", _plain("n_samples=1"), "n_samples=1"),
 ]

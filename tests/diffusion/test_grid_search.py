@@ -110,6 +110,22 @@ def test_an_optimized_grid_without_times_refuses_to_sample():
         S.DDIM(steps=2, time_grid="optimized").sample(oracle_denoiser(), (4, 2))
 
 
+def test_a_fit_that_does_not_hold_up_on_fresh_noise_keeps_the_best_fixed_grid():
+    """DDIM (deterministic) with a reference drawn on its log-SNR grid from the held-out noise:
+    there no grid is better than that one, so the fit keeps the best fixed grid's times."""
+    den = oracle_denoiser().float()
+    sampler = S.DDIM(steps=3, eta=0.0, time_grid="log_snr", final_denoise="last_step")
+    ref = sampler.sample(den, (400, 2), generator=_gen(9)).x
+    result, kept = fit_time_grid(
+        sampler, den, (400, 2), ref, seed=0, heldout_seeds=(9,), fractions=(0.0, 0.2), sweeps=1
+    )
+    assert set(result.heldout) == {"optimized", result.chosen}
+    assert result.chosen in S.TIME_GRIDS and result.heldout[result.chosen] < 0  # same samples
+    assert kept.time_grid == "optimized"
+    fixed = S.Grid.build(den.schedule, 3, result.chosen, dtype=torch.float64)
+    torch.testing.assert_close(torch.tensor(kept.times, dtype=torch.float64), fixed.t)
+
+
 @pytest.mark.slow
 def test_on_the_oracle_the_optimized_grid_beats_every_fixed_grid_in_kl():
     """Euler-Maruyama at 5 NFE: the grid fitted by energy distance (2000 samples) has a lower
