@@ -48,7 +48,7 @@ import torch
 from pytorch_lightning.loggers import CSVLogger
 
 from bench.image_throughput import cifar_overrides
-from bench.train_throughput import _batches, _config
+from bench.train_throughput import _batches, _config, plain_setup, plain_step
 from diffexp.build.factory import build_datamodule, build_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,28 +183,14 @@ def plain_throughput(overrides: list[str], args: argparse.Namespace) -> dict[str
     _reset_memory(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _config([*overrides, f"trainer.max_steps={args.steps + args.warmup}"], tmp)
-        pl.seed_everything(0, verbose=False)
-        dm = build_datamodule(cfg.data)
-        module = build_module(cfg, dm).to(args.device)
-        opt_cfg = module.configure_optimizers()
-        optimizer = opt_cfg["optimizer"] if isinstance(opt_cfg, dict) else opt_cfg
-        scheduler = opt_cfg["lr_scheduler"]["scheduler"] if isinstance(opt_cfg, dict) else None
+        dm, module, optimizer, scheduler = plain_setup(cfg, args.device)
         timer = _WindowTimer(args.warmup, args.device)
         for step, (x0, y) in enumerate(_batches(dm, args.steps + args.warmup)):
             if step == args.warmup:
                 timer.start = timer._now()
             x0 = x0.to(args.device, non_blocking=True)
             y = None if y is None else y.to(args.device, non_blocking=True)
-            out = module.objective(
-                module.denoiser, x0, y, T=module.T, reconstruction_nll=module.reconstruction_nll
-            )
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            if module.ema is not None:
-                module.ema.update(module.denoiser)
+            plain_step(module, optimizer, scheduler, x0, y)
         timer.end = timer._now()
         batch = int(cfg.data.batch_size)
     seconds = timer.end - timer.start

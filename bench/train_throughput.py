@@ -88,28 +88,39 @@ def _batches(dm, n: int):
         yield split_batch(batch)
 
 
-def plain_chunks(cfg, steps: int, warmup: int, every: int) -> list[float]:
-    """The same training in a plain loop: gather, loss, backward, step, EMA."""
+def plain_setup(cfg, device: str = "cpu"):
+    """(datamodule, module on ``device``, optimizer, LR scheduler or None) of the plain loop."""
     pl.seed_everything(0, verbose=False)
     dm = build_datamodule(cfg.data)
-    module = build_module(cfg, dm)
+    module = build_module(cfg, dm).to(device)
     opt_cfg = module.configure_optimizers()
     optimizer = opt_cfg["optimizer"] if isinstance(opt_cfg, dict) else opt_cfg
     scheduler = opt_cfg["lr_scheduler"]["scheduler"] if isinstance(opt_cfg, dict) else None
+    return dm, module, optimizer, scheduler
+
+
+def plain_step(module, optimizer, scheduler, x0, y) -> None:
+    """One plain training step: loss, backward, optimizer and LR schedule, EMA."""
+    out = module.objective(
+        module.denoiser, x0, y, T=module.T, reconstruction_nll=module.reconstruction_nll
+    )
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    if module.ema is not None:
+        module.ema.update(module.denoiser)
+
+
+def plain_chunks(cfg, steps: int, warmup: int, every: int) -> list[float]:
+    """The same training in a plain loop: gather, loss, backward, step, EMA."""
+    dm, module, optimizer, scheduler = plain_setup(cfg)
     marks = []
     for step, (x0, y) in enumerate(_batches(dm, steps + warmup)):
         if step >= warmup and (step - warmup) % every == 0:
             marks.append(time.perf_counter())
-        out = module.objective(
-            module.denoiser, x0, y, T=module.T, reconstruction_nll=module.reconstruction_nll
-        )
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        if module.ema is not None:
-            module.ema.update(module.denoiser)
+        plain_step(module, optimizer, scheduler, x0, y)
     marks.append(time.perf_counter())
     return _chunks(marks)
 
