@@ -15,6 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from diffexp.build.checks import check_eval
+from diffexp.build.grids import load_grid_times
 from diffexp.build.runs import check_request
 from diffexp.cli import CONF_DIR, refusing_bad_input, run_cli, task_overrides
 
@@ -140,7 +141,6 @@ def _sample_report(
     import torch
 
     from diffexp.build.factory import build_sampler
-    from diffexp.build.grids import load_grid_times
     from diffexp.build.runs import describe_guidance
     from diffexp.metrics.plots import plot_samples
     from diffexp.metrics.sample_kl import sample_kl
@@ -391,6 +391,7 @@ def main(cfg: DictConfig) -> None:
     with refusing_bad_input():
         check_eval(cfg)
         check_request(cfg)
+        load_grid_times(cfg)  # sampler.time_grid=optimized: its file, checked against the sampler
         evaluate(cfg, overrides=task_overrides())
 
 

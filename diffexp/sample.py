@@ -13,6 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from diffexp.build.checks import check_sample
+from diffexp.build.grids import load_grid_times
 from diffexp.build.runs import check_request
 from diffexp.cli import CONF_DIR, refusing_bad_input, run_cli, task_overrides
 
@@ -35,7 +36,6 @@ def sample(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
     import torch
 
     from diffexp.build.factory import build_sampler
-    from diffexp.build.grids import load_grid_times
     from diffexp.metrics.plots import plot_samples, save_image_grid
     from diffexp.training.loggers import log
 
@@ -78,6 +78,7 @@ def main(cfg: DictConfig) -> None:
     with refusing_bad_input():
         check_sample(cfg)
         check_request(cfg)
+        load_grid_times(cfg)  # sampler.time_grid=optimized: its file, checked against the sampler
         sample(cfg, overrides=task_overrides())
 
 

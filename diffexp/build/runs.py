@@ -75,10 +75,6 @@ def check_request(cfg: DictConfig) -> None:
             "(it uses <folder>/checkpoints/last.ckpt) or ckpt=<checkpoint file>, not both."
         )
     chosen_labels(cfg)
-    if cfg.get("sampler") is not None:
-        from diffexp.build.grids import load_grid_times
-
-        load_grid_times(cfg)  # an optimized grid's file, read and checked against the sampler
     spec = instantiate(cfg.guidance) if cfg.get("guidance") else None  # a spec: no I/O
     if spec is not None and spec.needs_classifier:
         check_classifier_option(spec.classifier)
