@@ -50,6 +50,7 @@ from diffexp.diffusion.samplers import (
     AnnealedLangevin,
     DPMSolverPP2M,
     DPMSolverPP2MSDE,
+    DPMSolverPP3M,
     EDMStochastic,
     PredictorCorrector,
     ProbabilityFlowODE,
@@ -88,6 +89,9 @@ ROWS: dict[str, Callable[[int], Sampler]] = {
     "dpmpp_2m_sde eta=0.5 (log_snr, last_step)": lambda n: DPMSolverPP2MSDE(
         steps=n, eta=0.5, time_grid="log_snr", final_denoise=LAST
     ),
+    "dpmpp_3m (log_snr, last_step)": lambda n: DPMSolverPP3M(
+        steps=n, time_grid="log_snr", final_denoise=LAST
+    ),
     "edm churn=10 (karras, last_step)": lambda n: EDMStochastic(
         steps=(n + 1) // 2, churn=10.0, time_grid="karras", final_denoise=LAST
     ),
@@ -116,6 +120,7 @@ OPTIMIZED = (
     "sde euler-maruyama (log_snr, last_step)",
     "dpmpp_2m (log_snr, last_step)",
     "dpmpp_2m_sde eta=0.5 (log_snr, last_step)",
+    "dpmpp_3m (log_snr, last_step)",
 )
 FIT_REFERENCE_STEPS = 200
 

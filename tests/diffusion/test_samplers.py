@@ -20,6 +20,7 @@ from diffexp.diffusion.samplers import (
     AnnealedLangevin,
     DPMSolverPP2M,
     DPMSolverPP2MSDE,
+    DPMSolverPP3M,
     EDMStochastic,
     FlowEuler,
     Grid,
@@ -113,6 +114,7 @@ CONVERGED = {
     ),  # 99
     "dpmpp_2m": DPMSolverPP2M(steps=100, time_grid="log_snr", final_denoise=LAST),  # 100
     "dpmpp_2m_sde": DPMSolverPP2MSDE(steps=100, time_grid="log_snr", final_denoise=LAST),  # 100
+    "dpmpp_3m": DPMSolverPP3M(steps=100, time_grid="log_snr", final_denoise=LAST),  # 100
     "edm-churn": EDMStochastic(steps=50, churn=10.0, final_denoise=LAST),  # 99
     "ode-dopri5": ProbabilityFlowODE(solver="dopri5", rtol=1e-4, atol=1e-4),  # ~75
     "ode-rk4": ProbabilityFlowODE(
@@ -241,6 +243,8 @@ NFE_CASES = [
     DPMSolverPP2M(time_grid="karras"),
     DPMSolverPP2MSDE(final_denoise=LAST),
     DPMSolverPP2MSDE(eta=0.5, time_grid="uniform"),
+    DPMSolverPP3M(final_denoise=LAST),
+    DPMSolverPP3M(time_grid="karras", final_denoise=False),
     EDMStochastic(churn=10.0, final_denoise=LAST),
     EDMStochastic(churn=40.0, sigma_tmin=0.0, sigma_tmax=1e9, time_grid="log_snr"),
     ProbabilityFlowODE(solver="rk4", time_grid="log_snr"),
@@ -447,7 +451,8 @@ def test_the_callbacks_x0_hat_is_the_denoisers_at_the_steps_start(den):
 def test_every_sampler_config_instantiates_with_a_steps_override():
     conf = CONF / "sampler"
     names = conf_options("sampler")
-    expected = {"ancestral", "ddim", "sde", "ode", "dpmpp_2m", "dpmpp_2m_sde", "edm", "langevin"}
+    expected = {"ancestral", "ddim", "sde", "ode", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m", "edm"}
+    expected |= {"langevin"}
     assert expected | {"pc"} <= set(names)
     for path in sorted(conf.glob("*.yaml")):
         assert path.read_text().startswith("#"), path
