@@ -56,6 +56,7 @@ from diffexp.diffusion.samplers import (
     ProbabilityFlowODE,
     ReverseSDE,
     Sampler,
+    UniPC,
 )
 from diffexp.diffusion.schedules import LogLinear
 from diffexp.metrics.sample_kl import sample_kl, sample_kl_floor
@@ -92,6 +93,12 @@ ROWS: dict[str, Callable[[int], Sampler]] = {
     "dpmpp_3m (log_snr, last_step)": lambda n: DPMSolverPP3M(
         steps=n, time_grid="log_snr", final_denoise=LAST
     ),
+    "unipc order=2 bh2 (log_snr, last_step)": lambda n: UniPC(
+        steps=n, order=2, variant="bh2", time_grid="log_snr", final_denoise=LAST
+    ),
+    "unipc order=1 bh1 (log_snr, last_step)": lambda n: UniPC(
+        steps=n, order=1, variant="bh1", time_grid="log_snr", final_denoise=LAST
+    ),
     "edm churn=10 (karras, last_step)": lambda n: EDMStochastic(
         steps=(n + 1) // 2, churn=10.0, time_grid="karras", final_denoise=LAST
     ),
@@ -121,6 +128,8 @@ OPTIMIZED = (
     "dpmpp_2m (log_snr, last_step)",
     "dpmpp_2m_sde eta=0.5 (log_snr, last_step)",
     "dpmpp_3m (log_snr, last_step)",
+    "unipc order=2 bh2 (log_snr, last_step)",
+    "unipc order=1 bh1 (log_snr, last_step)",
 )
 FIT_REFERENCE_STEPS = 200
 

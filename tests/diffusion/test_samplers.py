@@ -29,6 +29,7 @@ from diffexp.diffusion.samplers import (
     ReverseSDE,
     Sampler,
     StepInfo,
+    UniPC,
     time_grid,
 )
 from diffexp.metrics.sliced_wasserstein import sliced_wasserstein
@@ -115,6 +116,7 @@ CONVERGED = {
     "dpmpp_2m": DPMSolverPP2M(steps=100, time_grid="log_snr", final_denoise=LAST),  # 100
     "dpmpp_2m_sde": DPMSolverPP2MSDE(steps=100, time_grid="log_snr", final_denoise=LAST),  # 100
     "dpmpp_3m": DPMSolverPP3M(steps=100, time_grid="log_snr", final_denoise=LAST),  # 100
+    "unipc": UniPC(steps=100, final_denoise=LAST),  # 100
     "edm-churn": EDMStochastic(steps=50, churn=10.0, final_denoise=LAST),  # 99
     "ode-dopri5": ProbabilityFlowODE(solver="dopri5", rtol=1e-4, atol=1e-4),  # ~75
     "ode-rk4": ProbabilityFlowODE(
@@ -245,6 +247,9 @@ NFE_CASES = [
     DPMSolverPP2MSDE(eta=0.5, time_grid="uniform"),
     DPMSolverPP3M(final_denoise=LAST),
     DPMSolverPP3M(time_grid="karras", final_denoise=False),
+    UniPC(),
+    UniPC(order=3, variant="bh1", final_denoise=LAST),
+    UniPC(order=1, time_grid="karras", final_denoise=False),
     EDMStochastic(churn=10.0, final_denoise=LAST),
     EDMStochastic(churn=40.0, sigma_tmin=0.0, sigma_tmax=1e9, time_grid="log_snr"),
     ProbabilityFlowODE(solver="rk4", time_grid="log_snr"),
@@ -306,6 +311,8 @@ INVALID_SETTINGS = [
     (AnnealedLangevin, {"steps_per_level": 0}, "steps_per_level"),
     (DPMSolverPP2MSDE, {"eta": 1.5}, "eta"),
     (EDMStochastic, {"churn": -1.0}, "churn"),
+    (UniPC, {"order": 4}, "order"),
+    (UniPC, {"variant": "bh3"}, "variant"),
     (EDMStochastic, {"noise_scale": 0.0}, "noise_scale"),
     (EDMStochastic, {"sigma_tmin": 2.0, "sigma_tmax": 1.0}, "sigma_tmin"),
 ]
@@ -452,7 +459,7 @@ def test_every_sampler_config_instantiates_with_a_steps_override():
     conf = CONF / "sampler"
     names = conf_options("sampler")
     expected = {"ancestral", "ddim", "sde", "ode", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m", "edm"}
-    expected |= {"langevin"}
+    expected |= {"langevin", "unipc"}
     assert expected | {"pc"} <= set(names)
     for path in sorted(conf.glob("*.yaml")):
         assert path.read_text().startswith("#"), path
