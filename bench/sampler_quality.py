@@ -46,6 +46,7 @@ from diffexp.diffusion.grid_search import fit_time_grid
 from diffexp.diffusion.parameterizations import Eps
 from diffexp.diffusion.samplers import (
     DDIM,
+    DEIS,
     Ancestral,
     AnnealedLangevin,
     DPMSolverPP2M,
@@ -99,6 +100,9 @@ ROWS: dict[str, Callable[[int], Sampler]] = {
     "unipc order=1 bh1 (log_snr, last_step)": lambda n: UniPC(
         steps=n, order=1, variant="bh1", time_grid="log_snr", final_denoise=LAST
     ),
+    "deis order=3 (log_snr, last_step)": lambda n: DEIS(
+        steps=n, order=3, time_grid="log_snr", final_denoise=LAST
+    ),
     "edm churn=10 (karras, last_step)": lambda n: EDMStochastic(
         steps=(n + 1) // 2, churn=10.0, time_grid="karras", final_denoise=LAST
     ),
@@ -130,6 +134,7 @@ OPTIMIZED = (
     "dpmpp_3m (log_snr, last_step)",
     "unipc order=2 bh2 (log_snr, last_step)",
     "unipc order=1 bh1 (log_snr, last_step)",
+    "deis order=3 (log_snr, last_step)",
 )
 FIT_REFERENCE_STEPS = 200
 

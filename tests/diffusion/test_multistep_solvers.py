@@ -1,7 +1,7 @@
-"""The multistep samplers (``DPMSolverPP2M``, ``DPMSolverPP3M``, ``UniPC``): their steps are exact
-when x0_hat is a polynomial in lambda of the degree they claim, and they converge on the ring's
-exact denoiser at their order (the error to a dopri5 solution from the same noise, as the steps
-double).
+"""The multistep samplers (``DPMSolverPP2M``, ``DPMSolverPP3M``, ``UniPC``, ``DEIS``): their steps
+are exact when the denoiser's output is a polynomial of the degree they claim (x0_hat in lambda;
+DEIS: eps_hat in sigma), and they converge on the ring's exact denoiser at their order (the error
+to a dopri5 solution from the same noise, as the steps double).
 
 Observed orders (log2 of the mean error ratio, 20 -> 40 -> 80 steps, 2000 samples): 2M 1.9 and
 1.9 (log-SNR grid), 2.2 and 1.9 (Karras); 3M 2.7 and 2.8 (log-SNR), 3.3 and 3.0 (Karras), and 3.0
@@ -12,10 +12,15 @@ observed order less 0.3.
 UniPC of order p (predictor UniP-p, corrector UniC-p) has order p + 1: observed (float64, 500
 samples, dopri5 at 1e-11, log-SNR grid, 40 -> 80 -> 160 steps) 1.8 and 1.9 (p = 1), 2.5 and 2.9
 (p = 2), 3.8 and 4.0 (p = 3); from 160 to 320 steps 1.9, 3.0, 4.0.
+
+DEIS (rhoAB, Adams-Bashforth in sigma) of order k: observed (as 2M and 3M, 20 -> 40 -> 80 steps)
+1.1 and 1.0 (k = 1), 1.7 and 1.8 (k = 2), 2.1 and 2.4 (k = 3) on the log-SNR grid; 1.0, 1.8 and
+2.3 from 40 to 80 on the Karras grid.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -23,10 +28,13 @@ import pytest
 import torch
 
 from diffexp.diffusion.samplers import (
+    DDIM,
+    DEIS,
     DPMSolverPP2M,
     DPMSolverPP3M,
     ProbabilityFlowODE,
     UniPC,
+    adams_bashforth_weights,
     multistep_x0,
     unipc_rhos,
 )
@@ -38,8 +46,16 @@ ORDER_FLOOR = {
     ("DPMSolverPP2M", "karras"): 1.6,
     ("DPMSolverPP3M", "log_snr"): 2.4,
     ("DPMSolverPP3M", "karras"): 2.7,
+    ("DEIS-1", "log_snr"): 0.8,
+    ("DEIS-2", "log_snr"): 1.4,
+    ("DEIS-3", "log_snr"): 1.8,
+    ("DEIS-3", "karras"): 1.6,
 }
-SAMPLERS = {"DPMSolverPP2M": DPMSolverPP2M, "DPMSolverPP3M": DPMSolverPP3M}
+SAMPLERS = {
+    "DPMSolverPP2M": DPMSolverPP2M,
+    "DPMSolverPP3M": DPMSolverPP3M,
+    **{f"DEIS-{k}": functools.partial(DEIS, order=k) for k in (1, 2, 3)},
+}
 
 
 def _exact_step_x0(coefficients: list[float], lam_t: float, lam_s: float, eta: float) -> float:
@@ -102,7 +118,36 @@ def test_multistep_solvers_converge_at_their_order(den, reference, name, grid):
         errors.append((x - reference).norm(dim=1).mean().item())
     orders = [math.log2(errors[i] / errors[i + 1]) for i in range(2)]
     assert min(orders) >= ORDER_FLOOR[(name, grid)], (errors, orders)
-    assert errors[-1] < 1e-3  # 2M at 80 steps: 7e-4 (log-SNR), 9e-4 (Karras); 3M: 2e-4, 4e-4
+    # at 80 steps, 2M: 7e-4 (log-SNR), 9e-4 (Karras); 3M: 2e-4, 4e-4; DEIS-1 (DDIM): 1e-2
+    assert errors[-1] < (0.011 if name == "DEIS-1" else 2e-3)
+
+
+@pytest.mark.parametrize("points", [1, 2, 3])
+def test_adams_bashforth_weights_integrate_polynomials_of_degree_below_the_points_exactly(points):
+    """sum_j w_j P(sigma_j) = int_{sigma_t}^{sigma_s} P for P of degree points - 1: DEIS's step is
+    exact when eps_hat is such a polynomial in sigma."""
+    coefficients = np.random.default_rng(points).normal(size=points)
+    nodes = torch.tensor([1.0, 1.7, 2.9][:points], dtype=torch.float64)
+    start, end = torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.4, dtype=torch.float64)
+    w = adams_bashforth_weights(nodes, start, end)
+    values = sum(c * nodes**k for k, c in enumerate(coefficients))
+    exact = sum(c * (0.4 ** (k + 1) - 1.0) / (k + 1) for k, c in enumerate(coefficients))
+    assert (w * values).sum().item() == pytest.approx(exact, rel=1e-13, abs=1e-13)
+    if points > 1:  # one node fewer is not exact: the test can fail
+        fewer = adams_bashforth_weights(nodes[:-1], start, end)
+        assert abs((fewer * values[:-1]).sum().item() - exact) > 1e-3
+
+
+def test_deis_of_order_1_is_ddim():
+    den = oracle_denoiser("ring8", "eps").double()
+    like = {"generator": None, "dtype": torch.float64}
+    a = DEIS(steps=7, order=1, final_denoise=False).sample(
+        den, (64, 2), **{**like, "generator": torch.Generator().manual_seed(1)}
+    )
+    b = DDIM(steps=7, eta=0.0, time_grid="log_snr", final_denoise=False).sample(
+        den, (64, 2), **{**like, "generator": torch.Generator().manual_seed(1)}
+    )
+    torch.testing.assert_close(a.x, b.x, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("variant", ["bh1", "bh2"])

@@ -15,6 +15,7 @@ from diffexp.data.mixtures import make_mixture
 from diffexp.diffusion import schedules as S
 from diffexp.diffusion.samplers import (
     DDIM,
+    DEIS,
     FIXED_STEP_SOLVERS,
     Ancestral,
     AnnealedLangevin,
@@ -117,6 +118,7 @@ CONVERGED = {
     "dpmpp_2m_sde": DPMSolverPP2MSDE(steps=100, time_grid="log_snr", final_denoise=LAST),  # 100
     "dpmpp_3m": DPMSolverPP3M(steps=100, time_grid="log_snr", final_denoise=LAST),  # 100
     "unipc": UniPC(steps=100, final_denoise=LAST),  # 100
+    "deis": DEIS(steps=100, final_denoise=LAST),  # 100
     "edm-churn": EDMStochastic(steps=50, churn=10.0, final_denoise=LAST),  # 99
     "ode-dopri5": ProbabilityFlowODE(solver="dopri5", rtol=1e-4, atol=1e-4),  # ~75
     "ode-rk4": ProbabilityFlowODE(
@@ -250,6 +252,8 @@ NFE_CASES = [
     UniPC(),
     UniPC(order=3, variant="bh1", final_denoise=LAST),
     UniPC(order=1, time_grid="karras", final_denoise=False),
+    DEIS(),
+    DEIS(order=2, time_grid="karras", final_denoise=LAST),
     EDMStochastic(churn=10.0, final_denoise=LAST),
     EDMStochastic(churn=40.0, sigma_tmin=0.0, sigma_tmax=1e9, time_grid="log_snr"),
     ProbabilityFlowODE(solver="rk4", time_grid="log_snr"),
@@ -312,6 +316,7 @@ INVALID_SETTINGS = [
     (DPMSolverPP2MSDE, {"eta": 1.5}, "eta"),
     (EDMStochastic, {"churn": -1.0}, "churn"),
     (UniPC, {"order": 4}, "order"),
+    (DEIS, {"order": 0}, "order"),
     (UniPC, {"variant": "bh3"}, "variant"),
     (EDMStochastic, {"noise_scale": 0.0}, "noise_scale"),
     (EDMStochastic, {"sigma_tmin": 2.0, "sigma_tmax": 1.0}, "sigma_tmin"),
@@ -459,7 +464,7 @@ def test_every_sampler_config_instantiates_with_a_steps_override():
     conf = CONF / "sampler"
     names = conf_options("sampler")
     expected = {"ancestral", "ddim", "sde", "ode", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m", "edm"}
-    expected |= {"langevin", "unipc"}
+    expected |= {"langevin", "unipc", "deis"}
     assert expected | {"pc"} <= set(names)
     for path in sorted(conf.glob("*.yaml")):
         assert path.read_text().startswith("#"), path
