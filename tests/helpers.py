@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffexp.data.mixtures import make_mixture
 from diffexp.diffusion import schedules as S
 from diffexp.diffusion.denoiser import Denoiser
+from diffexp.diffusion.samplers import ProbabilityFlowODE
 from diffexp.networks import Oracle
 
 F64 = torch.float64
@@ -60,6 +61,31 @@ def oracle_denoiser(preset: str = "ring8", param: str = "eps", schedule=None) ->
     p = conf_option("parameterization", param)
     schedule = schedule if schedule is not None else S.LogLinear(**ENDS)
     return Denoiser(Oracle(mixture, p), p, schedule).double()
+
+
+# a training run of 4 steps on small ring data sets: a checkpoint for the entry points that read one
+TINY_RING_RUN = (
+    "trainer.max_steps=4",
+    "data.n_train=2048",
+    "data.n_val=256",
+    "data.n_test=256",
+    "callbacks.elbo.n_t=2",
+    "callbacks.samples.every_n_epochs=0",
+    "callbacks.samples.n=16",
+    "logger=csv",
+)
+
+
+def pf_ode_reference(
+    den: Denoiser, n: int, tol: float = 1e-8, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """x at t = 0 of the PF-ODE solved by dopri5 at rtol = atol = tol over log-SNR, from the
+    noise of seed 0 (no final denoise): the reference of the solvers' order tests."""
+    ode = ProbabilityFlowODE(
+        solver="dopri5", rtol=tol, atol=tol, time_grid="log_snr", final_denoise=False
+    )
+    gen = torch.Generator().manual_seed(0)
+    return ode.sample(den, (n, 2), generator=gen, dtype=dtype).x
 
 
 class CrashAtStep:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, TINY_RING_RUN
 
 FAST_SEARCH = [
     "n_samples=300",
@@ -40,14 +40,7 @@ def run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("optimize_grid") / "run"
     proc = _python(
         "diffexp.train",
-        "trainer.max_steps=4",
-        "data.n_train=2048",
-        "data.n_val=256",
-        "data.n_test=256",
-        "callbacks.elbo.n_t=2",
-        "callbacks.samples.every_n_epochs=0",
-        "callbacks.samples.n=16",
-        "logger=csv",
+        *TINY_RING_RUN,
         f"hydra.run.dir={out}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

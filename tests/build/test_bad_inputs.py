@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, TINY_RING_RUN
 
 # outputs a command writes only once it computes something
 COMPUTED = ("metrics.json", "samples.npz", "*.ckpt", "summary.json")
@@ -366,15 +366,8 @@ def runs(tmp_path_factory) -> Runs:
     proc = _python(
         [
             "diffexp.train",
-            "trainer.max_steps=4",
+            *TINY_RING_RUN,
             "trainer.check_val_every_n_epoch=1",
-            "data.n_train=2048",
-            "data.n_val=256",
-            "data.n_test=256",
-            "callbacks.elbo.n_t=2",
-            "callbacks.samples.every_n_epochs=0",
-            "callbacks.samples.n=16",
-            "logger=csv",
             f"hydra.run.dir={r.run}",
         ]
     )

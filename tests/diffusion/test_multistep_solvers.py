@@ -32,13 +32,12 @@ from diffexp.diffusion.samplers import (
     DEIS,
     DPMSolverPP2M,
     DPMSolverPP3M,
-    ProbabilityFlowODE,
     UniPC,
     adams_bashforth_weights,
     multistep_x0,
     unipc_rhos,
 )
-from tests.helpers import oracle_denoiser
+from tests.helpers import oracle_denoiser, pf_ode_reference
 
 N = 2000
 ORDER_FLOOR = {
@@ -103,10 +102,7 @@ def den():
 
 @pytest.fixture(scope="module")
 def reference(den):
-    ode = ProbabilityFlowODE(
-        solver="dopri5", rtol=1e-8, atol=1e-8, time_grid="log_snr", final_denoise=False
-    )
-    return ode.sample(den, (N, 2), generator=torch.Generator().manual_seed(0)).x
+    return pf_ode_reference(den, N)
 
 
 @pytest.mark.parametrize("name,grid", sorted(ORDER_FLOOR))
@@ -179,11 +175,7 @@ UNIPC_ORDER_FLOOR = {1: 1.5, 2: 2.2, 3: 3.5}
 @pytest.fixture(scope="module")
 def reference64():
     den = oracle_denoiser("ring8", "eps").double()
-    ode = ProbabilityFlowODE(
-        solver="dopri5", rtol=1e-11, atol=1e-11, time_grid="log_snr", final_denoise=False
-    )
-    gen = torch.Generator().manual_seed(0)
-    return den, ode.sample(den, (500, 2), generator=gen, dtype=torch.float64).x
+    return den, pf_ode_reference(den, 500, tol=1e-11, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("order", sorted(UNIPC_ORDER_FLOOR))

@@ -24,7 +24,7 @@ from diffexp.diffusion.samplers import (
     ProbabilityFlowODE,
 )
 from diffexp.metrics.sample_kl import sample_kl
-from tests.helpers import oracle_denoiser
+from tests.helpers import oracle_denoiser, pf_ode_reference
 
 ORDER_FLOOR = {
     "euler": 0.8,
@@ -49,10 +49,7 @@ def den():
 
 @pytest.fixture(scope="module")
 def reference(den):
-    ode = ProbabilityFlowODE(
-        solver="dopri5", rtol=1e-8, atol=1e-8, time_grid="log_snr", final_denoise=False
-    )
-    return ode.sample(den, (N, 2), generator=_gen()).x
+    return pf_ode_reference(den, N)
 
 
 def _error(den, reference, **settings) -> tuple[float, float, int]:
