@@ -550,15 +550,24 @@ class DPMSolverPP2M(Sampler):
         """eta of ``DPMSolverPP2MSDE``: 0, the probability-flow ODE."""
         return 0.0
 
+    def x0_estimate(self, history: list[tuple[Tensor, Tensor]], lam_s: Tensor) -> Tensor:
+        """D = x0_hat + (x0_hat - x0_prev) h / (2 h_prev) from ``history``'s (x0_hat, lambda),
+        newest first (D = x0_hat with no earlier point)."""
+        (x0_hat, lam_t), *earlier = history
+        if not earlier:
+            return x0_hat
+        x0_prev, lam_prev = earlier[0]
+        h, h_prev = 0.5 * (lam_s - lam_t), 0.5 * (lam_t - lam_prev)
+        return x0_hat + (x0_hat - x0_prev) * (h / (2 * h_prev))
+
     def run(self, model, x, grid, noise, end=0, callback=None):
-        """The multistep chain, each step reusing the previous one's x0_hat and h."""
-        lam, prev, eta = grid.log_snr, None, self.noise_fraction
+        """The multistep chain: ``x0_estimate`` from this step's x0_hat and the two before."""
+        lam, history, eta = grid.log_snr, [], self.noise_fraction
         for i in range(len(lam) - 1, end, -1):
-            lam_t, lam_s = lam[i], lam[i - 1]
-            x0_hat, h = model(x, lam_t).x0_hat, 0.5 * (lam_s - lam_t)
-            d = x0_hat if prev is None else x0_hat + (x0_hat - prev[0]) * (h / (2 * prev[1]))
-            x = exponential_integrator_step(x, d, lam_t, lam_s, eta, noise)
-            prev = (x0_hat, h)
+            x0_hat = model(x, lam[i]).x0_hat
+            history = [(x0_hat, lam[i]), *history[:2]]
+            d = self.x0_estimate(history, lam[i - 1])
+            x = exponential_integrator_step(x, d, lam[i], lam[i - 1], eta, noise)
             if callback is not None:
                 callback(grid.info(i, x, x0_hat))
         return x
@@ -624,10 +633,10 @@ def multistep_x0(history: list[tuple[Tensor, Tensor]], lam_s: Tensor, eta: float
     (m0, lam_t), *earlier = history
     h = 0.5 * (lam_s - lam_t)
     big_h = (1.0 + eta) * h
-    one_minus = -torch.expm1(-big_h)
-    phi_2 = 1.0 - one_minus / big_h
     if not earlier:
         return m0
+    one_minus = -torch.expm1(-big_h)
+    phi_2 = 1.0 - one_minus / big_h
     m1, lam_1 = earlier[0]
     r0 = 0.5 * (lam_t - lam_1) / h
     d1_0 = (m0 - m1) / r0
@@ -656,17 +665,9 @@ class DPMSolverPP3M(DPMSolverPP2M):
     steps: int = 50
     time_grid: str = "log_snr"
 
-    def run(self, model, x, grid, noise, end=0, callback=None):
-        """The multistep chain, each step reusing the two previous steps' x0_hat."""
-        lam, history, eta = grid.log_snr, [], self.noise_fraction
-        for i in range(len(lam) - 1, end, -1):
-            x0_hat = model(x, lam[i]).x0_hat
-            history = [(x0_hat, lam[i]), *history[:2]]
-            d = multistep_x0(history, lam[i - 1], eta)
-            x = exponential_integrator_step(x, d, lam[i], lam[i - 1], eta, noise)
-            if callback is not None:
-                callback(grid.info(i, x, x0_hat))
-        return x
+    def x0_estimate(self, history, lam_s):
+        """The quadratic's D through up to three x0_hat (``multistep_x0``)."""
+        return multistep_x0(history, lam_s, self.noise_fraction)
 
 
 UNIPC_VARIANTS = ("bh1", "bh2")
@@ -741,8 +742,8 @@ class UniPC(Sampler):
             h = 0.5 * (lam_s - lam_t)
             rks = [0.5 * (lam_k - lam_t) / h for _, lam_k in history[1:]]
             diffs = [(m_k - m0) / r for (m_k, _), r in zip(history[1:], rks, strict=True)]
-            level_t, level_s = NoiseLevel(lam_t), NoiseLevel(lam_s)
-            base = level_s.s / level_t.s * x - level_s.a * torch.expm1(-h) * m0
+            level_s = NoiseLevel(lam_s)
+            base = exponential_integrator_step(x, m0, lam_t, lam_s, 0.0, noise)  # DDIM's step
             x = base - level_s.a * _unipc_sum(rks, diffs, h, self.variant)  # UniP
             used, m0 = m0, None
             if i - 1 > end:  # UniC, with the evaluation the next step uses
